@@ -1,0 +1,61 @@
+"""A sequence's state in the router: tokens, progress through the KV cache, blocks, detokenizer, logprobs."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardserve.router.block_manager import SeqBlocks
+from shardserve.router.outputs import PositionLogprobs
+from shardserve.router.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n samples
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_len: int  # prompt + output may not pass this (max_model_len or prompt + max_tokens)
+    detokenizer: Any
+    arrival: float = 0.0
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose KV is in the cache
+    blocks: SeqBlocks = field(default_factory=SeqBlocks)
+    cumulative_logprob: float = 0.0
+    logprobs: list[PositionLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    emitted_text: int = 0  # characters of detokenizer.text already streamed
+    sent_prompt: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    final_text: str | None = None  # set when a stop string cuts the text
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
+
+    def preempt(self) -> None:
+        """Back to waiting; its KV is dropped and recomputed (prompt and outputs) on readmission."""
+        self.status = Status.WAITING
+        self.num_computed = 0
+        if self.wants_prompt_logprobs:
+            self.prompt_logprobs.clear()

@@ -1,0 +1,1 @@
+"""shardserve.workers.layers."""

@@ -1,0 +1,23 @@
+"""RMSNorm through the device op table, optionally fused with the residual add."""
+
+from __future__ import annotations
+
+import torch
+from shardserve.workers.device.base import TorchOps
+from shardserve.workers.loader.source import CheckpointSource
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, name: str, size: int, eps: float, ops: TorchOps, dtype: torch.dtype):
+        super().__init__()
+        self.name, self.size, self.eps, self.ops, self.dtype = name, size, eps, ops, dtype
+        self.weight: torch.Tensor | None = None
+
+    def load(self, source: CheckpointSource) -> None:
+        self.weight = source.read(self.name, expect_shape=(self.size,)).to(self.dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)

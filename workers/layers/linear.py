@@ -1,0 +1,92 @@
+"""Parallel linear layers: column (split N), row (split K, all-reduce), merged gate/up and QKV."""
+
+from __future__ import annotations
+
+import torch
+from shardserve.workers.distributed import TPGroup, divide
+from shardserve.workers.loader.source import CheckpointSource
+from shardserve.workers.quant.base import LinearMethod, LinearSpec, Parallel, QuantConfig, Shard
+from torch import nn
+
+
+class LinearBase(nn.Module):
+    """A linear layer whose weights come from its quant method; biases stay in float."""
+
+    def __init__(self, spec: LinearSpec, quant: QuantConfig, tp: TPGroup, bias: bool):
+        super().__init__()
+        self.spec = spec
+        self.tp = tp
+        self.method: LinearMethod = quant.linear_method(spec.prefix)
+        self.has_bias = bias
+        self.bias: torch.Tensor | None = None
+
+    def load(self, source: CheckpointSource) -> None:
+        self.method.load(self, self.spec, source)
+        self.method.after_load(self, self.spec)
+        if self.has_bias:
+            parts = []
+            for sub, shard in zip(self.spec.sub_prefixes, self.spec.output_shards):
+                if self.spec.parallel == "column":
+                    parts.append(source.read(f"{sub}.bias", dim=0, start=shard.start, length=shard.length))
+                else:
+                    parts.append(source.read(f"{sub}.bias"))
+            self.bias = torch.cat(parts).to(self.spec.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.method.apply(self, x)
+        if self.spec.parallel == "row":
+            y = self.tp.all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+def _spec(
+    prefix: str,
+    subs: list[str],
+    sizes: list[int],
+    shards: list[Shard],
+    k: int,
+    k_shard: Shard,
+    parallel: Parallel,
+    dtype: torch.dtype,
+) -> LinearSpec:
+    return LinearSpec(prefix, tuple(subs), tuple(sizes), tuple(shards), k, k_shard, parallel, dtype)
+
+
+def column_parallel(
+    prefix: str, subs: list[str], k: int, sizes: list[int], quant: QuantConfig, tp: TPGroup, dtype, bias=False
+) -> LinearBase:
+    """N split evenly per sub-matrix (merged gate/up when len(subs) > 1)."""
+    shards = [Shard(tp.rank * divide(n, tp.size, f"{s}.out"), n // tp.size) for s, n in zip(subs, sizes)]
+    return LinearBase(_spec(prefix, subs, sizes, shards, k, Shard(0, k), "column", dtype), quant, tp, bias)
+
+
+def row_parallel(prefix: str, k: int, n: int, quant: QuantConfig, tp: TPGroup, dtype, bias=False) -> LinearBase:
+    """K split evenly; partial sums all-reduced."""
+    kl = divide(k, tp.size, f"{prefix}.in")
+    spec = _spec(prefix, [prefix], [n], [Shard(0, n)], k, Shard(tp.rank * kl, kl), "row", dtype)
+    return LinearBase(spec, quant, tp, bias)
+
+
+def replicated(prefix: str, k: int, n: int, quant: QuantConfig, dtype, bias=False) -> LinearBase:
+    spec = _spec(prefix, [prefix], [n], [Shard(0, n)], k, Shard(0, k), "replicated", dtype)
+    return LinearBase(spec, quant, TPGroup(), bias)
+
+
+def qkv_parallel(
+    prefix: str, hidden: int, head_dim: int, heads: int, kv_heads: int, quant: QuantConfig, tp: TPGroup, dtype, bias
+) -> LinearBase:
+    """Q heads split across ranks; KV heads split too, or replicated when fewer than ranks (GQA)."""
+    hq = divide(heads, tp.size, "num_attention_heads")
+    if kv_heads >= tp.size:
+        hkv, kv_first = divide(kv_heads, tp.size, "num_key_value_heads"), tp.rank * (kv_heads // tp.size)
+    else:
+        divide(tp.size, kv_heads, "tp_size over num_key_value_heads")
+        hkv, kv_first = 1, tp.rank * kv_heads // tp.size
+    base = prefix.rsplit(".", 1)[0]
+    subs = [f"{base}.q_proj", f"{base}.k_proj", f"{base}.v_proj"]
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    kv = Shard(kv_first * head_dim, hkv * head_dim)
+    shards = [Shard(tp.rank * hq * head_dim, hq * head_dim), kv, kv]
+    return LinearBase(_spec(prefix, subs, sizes, shards, hidden, Shard(0, hidden), "column", dtype), quant, tp, bias)

@@ -1,0 +1,250 @@
+"""GGUF checkpoints through gguf-py: metadata -> ModelConfig, HF-named tensors, per-rank sliced dequantization."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+from shardserve.workers.loader.source import CheckpointError, CheckpointSource
+from shardserve.workers.models.config import ModelConfig
+
+# GGUF architecture name -> ours (and transformers' model_type)
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+}
+
+# GGUF tensor name -> HF name; the converter's table (gguf-py constants.py TENSOR_NAMES), reversed.
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    # MoE: router, experts stacked [E, ...] as GGUF stores them, shared expert and its gate
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
+_TOKENIZER_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}
+_UNQUANTIZED = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+def find_gguf_file(path: str) -> str | None:
+    """A .gguf path, or the single (or first split) .gguf inside a directory."""
+    if os.path.isfile(path):
+        return path if path.endswith(".gguf") else None
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        firsts = [f for f in files if re.search(r"-00001-of-\d{5}\.gguf$", f)]
+        if firsts:
+            return firsts[0]
+        if len(files) > 1:
+            raise CheckpointError(path, None, f"several .gguf files, pass one of them: {files}")
+        return files[0] if files else None
+    return None
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK_RE.match(gguf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+class GGUFSource(CheckpointSource):
+    """One GGUF file (or its -0000k-of-0000N splits). Reads dequantize only the requested slice."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        first = find_gguf_file(path)
+        if first is None:
+            raise CheckpointError(path, None, "no .gguf file found")
+        self.path = first
+        files = _split_files(first)
+        self._readers = []
+        for f in files:
+            try:
+                self._readers.append(GGUFReader(f))
+            except Exception as e:  # gguf-py raises ValueError/struct errors on a bad header
+                raise CheckpointError(f, None, f"not a readable GGUF file: {e}") from e
+        self.metadata = _metadata(self._readers[0])
+        self.architecture = self.metadata.get("general.architecture", "")
+        self._tensors: dict[str, tuple[str, ReaderTensor]] = {}
+        self.extra_tensors: dict[str, ReaderTensor] = {}
+        for f, reader in zip(files, self._readers):
+            for t in reader.tensors:
+                name = hf_name(t.name)
+                if name is None:
+                    self.extra_tensors[t.name] = t
+                else:
+                    self._tensors[name] = (f, t)
+        self.model_config = self._model_config()
+
+    # ---- metadata ---------------------------------------------------------------------------
+    def _model_config(self) -> ModelConfig:
+        arch = self.architecture
+        if arch not in GGUF_ARCHITECTURES:
+            raise CheckpointError(
+                self.path, None, f"unsupported general.architecture {arch!r}; supported: {sorted(GGUF_ARCHITECTURES)}"
+            )
+        m = self.metadata
+
+        def key(k: str, default: Any = None) -> Any:
+            return m.get(f"{arch}.{k}", default)
+
+        heads = int(key("attention.head_count"))
+        hidden = int(key("embedding_length"))
+        head_dim = int(key("attention.key_length", hidden // heads))
+        vocab = int(key("vocab_size", len(m.get("tokenizer.ggml.tokens", [])) or 0))
+        if vocab == 0:
+            vocab = int(self.shape("model.embed_tokens.weight")[0])
+        scaling = None
+        if key("rope.scaling.type") not in (None, "none"):
+            scaling = {
+                "rope_type": key("rope.scaling.type"),
+                "factor": float(key("rope.scaling.factor", 1.0)),
+                "original_max_position_embeddings": int(key("rope.scaling.original_context_length", 0) or 0),
+            }
+        ours = GGUF_ARCHITECTURES[arch]
+        return ModelConfig(
+            architecture=ours,
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length", 0) or 0),
+            num_layers=int(key("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(key("attention.head_count_kv", heads)),
+            head_dim=head_dim,
+            vocab_size=vocab,
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            rotary_dim=int(key("rope.dimension_count", head_dim)),
+            max_position=int(key("context_length", 4096)),
+            tie_word_embeddings="lm_head.weight" not in self._tensors,
+            attention_bias=self.has("model.layers.0.self_attn.q_proj.bias"),
+            qk_norm=self.has("model.layers.0.self_attn.q_norm.weight"),
+            num_experts=int(key("expert_count", 0) or 0),
+            num_experts_per_tok=int(key("expert_used_count", 0) or 0),
+            moe_intermediate_size=int(key("expert_feed_forward_length", 0) or 0),
+            shared_expert_intermediate_size=int(key("expert_shared_feed_forward_length", 0) or 0),
+            # llama.cpp normalises the top-k weights for qwen3moe, not for qwen2moe (llama-model.cpp)
+            norm_topk_prob=bool(key("expert_weights_norm", ours == "qwen3_moe")),
+        )
+
+    # ---- tensors ----------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor(self, name: str) -> ReaderTensor:
+        return self._tensors[name][1]
+
+    def file_of(self, name: str) -> str:
+        return self._tensors[name][0] if name in self._tensors else self.path
+
+    def qtype(self, name: str) -> GGMLQuantizationType:
+        return GGMLQuantizationType(self.tensor(name).tensor_type)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        # GGUF lists dims fastest-first; torch order is the reverse
+        return tuple(int(d) for d in reversed(self.tensor(name).shape.tolist()))
+
+    def read_quantized(self, name: str, dim: int | None, start: int, length: int) -> np.ndarray:
+        """The packed bytes (or plain values) of a slice, rows in HF order; last axis is packed."""
+        t = self.tensor(name)
+        qtype = self.qtype(name)
+        data = t.data.reshape(*self.shape(name)[:-1], -1)  # [..., bytes or values per row]
+        rows = self._row_order(name)
+        if rows is not None:
+            if dim == 0:
+                rows, dim = rows[start : start + length], None
+            data = data[rows]
+        if dim is None:
+            return data
+        ndim = data.ndim
+        if dim != ndim - 1:
+            index = [slice(None)] * ndim
+            index[dim] = slice(start, start + length)
+            return data[tuple(index)]
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if start % block or length % block:
+            raise CheckpointError(
+                self.file_of(name),
+                name,
+                f"{qtype.name} blocks of {block} cannot be split at inputs [{start}, {start + length}): "
+                f"choose a tp_size that divides the input dim into multiples of {block}",
+            )
+        return data[..., start // block * type_size : (start + length) // block * type_size]
+
+    def _read(self, name: str, dim: int | None, start: int, length: int) -> torch.Tensor:
+        qtype = self.qtype(name)
+        data = self.read_quantized(name, dim, start, length)
+        try:
+            values = data if qtype == GGMLQuantizationType.F32 else dequantize(np.ascontiguousarray(data), qtype)
+        except (NotImplementedError, ValueError) as e:
+            raise CheckpointError(self.file_of(name), name, f"cannot dequantize {qtype.name}: {e}") from e
+        return torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy off the mmap
+
+    def _row_order(self, name: str) -> np.ndarray | None:
+        """llama's converter permutes q/k rows for its rotary layout (convert_hf_to_gguf LlamaModel.permute);
+        the inverse as a row gather, so a rank's slice is taken after undoing it."""
+        if self.architecture != "llama" or not re.search(r"self_attn\.[qk]_proj\.(weight|bias)$", name):
+            return None
+        cfg = self.model_config if hasattr(self, "model_config") else None
+        heads = cfg.num_heads if ".q_proj" in name else cfg.num_kv_heads
+        rows = self.shape(name)[0]
+        half = rows // heads // 2
+        h, i, j = np.meshgrid(np.arange(heads), np.arange(2), np.arange(half), indexing="ij")
+        return (h * 2 * half + j * 2 + i).reshape(-1)  # hf row (h, i, j) lives at gguf row (h, j, i)
+
+
+def _split_files(first: str) -> list[str]:
+    m = re.search(r"-00001-of-(\d{5})\.gguf$", first)
+    if not m:
+        return [first]
+    n = int(m.group(1))
+    return [first[: m.start()] + f"-{k:05d}-of-{n:05d}.gguf" for k in range(1, n + 1)]
+
+
+def _metadata(reader: GGUFReader) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in _TOKENIZER_ARRAYS:
+            continue  # the vocabulary arrays are the tokenizer's to read (slow to decode, unused here)
+        try:
+            out[key] = field.contents()
+        except (ValueError, IndexError, TypeError) as e:
+            raise CheckpointError(reader.data.filename, None, f"unreadable metadata key {key!r}: {e}") from e
+    return out
+
+
+def is_quantized(qtype: GGMLQuantizationType) -> bool:
+    return qtype not in _UNQUANTIZED

@@ -1,0 +1,102 @@
+"""Runs one step plan through the model on this rank: batch layout, forward, logits and sampling on rank 0."""
+
+from __future__ import annotations
+
+import torch
+from shardserve.workers.device.base import AttentionMetadata
+from shardserve.workers.sampler import sample, top_logprobs
+from shardserve.workers.step import SeqResult, SeqStep, StepPlan, StepResult
+
+
+class ModelRunner:
+    def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, device):
+        self.model, self.kv_caches, self.block_size, self.device = model, kv_caches, block_size, device
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        ids, positions, meta = self._prepare(plan.seqs)
+        hidden = self.model(ids, positions, self.kv_caches, meta)  # [T, hidden]
+        rows, owners = self._logit_rows(plan.seqs)
+        if not rows:
+            return StepResult() if self.model.tp.rank == 0 else None
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        if logits is None:  # not rank 0
+            return None
+        return self._results(plan.seqs, logits.cpu(), owners)
+
+    def _prepare(self, seqs: list[SeqStep]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        ids, positions, slots, pad_index = [], [], [], []
+        qlens = [len(s.token_ids) for s in seqs]
+        max_q = max(qlens)
+        for b, s in enumerate(seqs):
+            ids.extend(s.token_ids)
+            pos = range(s.start_pos, s.start_pos + len(s.token_ids))
+            positions.extend(pos)
+            slots.extend(s.block_table[p // bs] * bs + p % bs for p in pos)
+            pad_index.extend(range(b * max_q, b * max_q + len(s.token_ids)))
+        ctx = [s.start_pos + q for s, q in zip(seqs, qlens)]
+        max_k = max(ctx)
+        nblocks = -(-max_k // bs)
+        tables = [s.block_table[:nblocks] + [0] * (nblocks - len(s.block_table[:nblocks])) for s in seqs]
+        dev = self.device
+        qlen_t, ctx_t = torch.tensor(qlens), torch.tensor(ctx)
+        i = torch.arange(max_q).view(1, -1, 1)
+        j = torch.arange(max_k).view(1, 1, -1)
+        first = (ctx_t - qlen_t).view(-1, 1, 1)
+        mask = (j <= first + i) & (j < ctx_t.view(-1, 1, 1))
+        mask |= (i >= qlen_t.view(-1, 1, 1)) & (j == 0)  # padding rows see one key: no all-masked NaN rows
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=dev),
+            block_tables=torch.tensor(tables, device=dev),
+            query_lens=qlen_t.to(dev),
+            context_lens=ctx_t.to(dev),
+            pad_index=torch.tensor(pad_index, device=dev),
+            attn_mask=mask.unsqueeze(1).to(dev),
+            max_q=max_q,
+            max_k=max_k,
+        )
+        return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta
+
+    @staticmethod
+    def _logit_rows(seqs: list[SeqStep]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Which hidden rows need logits: every fed row for prompt_logprobs, else the last one when sampling.
+        owners[b] = (first logit row of seq b, count)."""
+        rows, owners, offset = [], [], 0
+        for s in seqs:
+            n = len(s.token_ids)
+            if s.prompt_logprobs is not None:
+                owners.append((len(rows), n))
+                rows.extend(range(offset, offset + n))
+            elif s.sample:
+                owners.append((len(rows), 1))
+                rows.append(offset + n - 1)
+            else:
+                owners.append((len(rows), 0))
+            offset += n
+        return rows, owners
+
+    @staticmethod
+    def _results(seqs: list[SeqStep], logits: torch.Tensor, owners: list[tuple[int, int]]) -> StepResult:
+        sampling = [(b, first + count - 1) for b, (first, count) in enumerate(owners) if seqs[b].sample]
+        chosen, logprobs = sample(logits[[r for _, r in sampling]], [seqs[b] for b, _ in sampling])
+        out = StepResult()
+        by_seq = {b: (tok, lp_row) for (b, _), tok, lp_row in zip(sampling, chosen, logprobs)}
+        all_lp = torch.log_softmax(logits, dim=-1) if any(s.prompt_logprobs is not None for s in seqs) else None
+        for b, s in enumerate(seqs):
+            r = SeqResult(seq_id=s.seq_id)
+            if b in by_seq:
+                tok, row = by_seq[b]
+                r.token_id, r.logprob = tok, float(row[tok])
+                if s.logprobs is not None:
+                    r.top_logprobs = top_logprobs(row, s.logprobs)
+            if s.prompt_logprobs is not None:
+                first, count = owners[b]
+                r.prompt_logprobs = [
+                    (float(all_lp[first + k, nxt]), top_logprobs(all_lp[first + k], s.prompt_logprobs))
+                    if nxt is not None
+                    else None
+                    for k, nxt in enumerate(s.prompt_next_ids or [None] * count)
+                ]
+            out.results.append(r)
+        return out

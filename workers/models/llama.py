@@ -1,0 +1,110 @@
+"""The llama-family decoder (llama, qwen2, qwen3, and their MoE variants through the MoE layer)."""
+
+from __future__ import annotations
+
+import torch
+from shardserve.workers.device.base import AttentionMetadata, TorchOps
+from shardserve.workers.distributed import TPGroup
+from shardserve.workers.layers.attention import Attention
+from shardserve.workers.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from shardserve.workers.layers.layernorm import RMSNorm
+from shardserve.workers.layers.linear import column_parallel, row_parallel
+from shardserve.workers.layers.rotary import RotaryEmbedding
+from shardserve.workers.loader.source import CheckpointSource
+from shardserve.workers.models.config import ModelConfig
+from shardserve.workers.quant.base import QuantConfig
+from torch import nn
+
+
+class MLP(nn.Module):
+    """SwiGLU: gate/up merged column-parallel, down row-parallel."""
+
+    def __init__(self, prefix: str, hidden: int, inter: int, quant: QuantConfig, tp: TPGroup, dtype):
+        super().__init__()
+        subs = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+        self.gate_up = column_parallel(f"{prefix}.gate_up_proj", subs, hidden, [inter, inter], quant, tp, dtype)
+        self.down = row_parallel(f"{prefix}.down_proj", inter, hidden, quant, tp, dtype)
+
+    def load(self, source: CheckpointSource) -> None:
+        self.gate_up.load(source)
+        self.down.load(source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(torch.nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, i: int, cfg: ModelConfig, quant: QuantConfig, tp: TPGroup, ops: TorchOps, dtype):
+        super().__init__()
+        p = f"model.layers.{i}"
+        self.self_attn = Attention(f"{p}.self_attn", cfg, quant, tp, ops, dtype)
+        if cfg.layer_is_moe(i):
+            from shardserve.workers.layers.moe import SparseMoeBlock
+
+            self.mlp = SparseMoeBlock(f"{p}.mlp", cfg, quant, tp, ops, dtype)
+        else:
+            self.mlp = MLP(f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size, quant, tp, dtype)
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(f"{p}.input_layernorm.weight", cfg.hidden_size, eps, ops, dtype)
+        self.post_attention_layernorm = RMSNorm(f"{p}.post_attention_layernorm.weight", cfg.hidden_size, eps, ops, dtype)
+
+    def load(self, source: CheckpointSource) -> None:
+        for m in (self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm):
+            m.load(source)
+
+    def forward(self, x, residual, cos_sin, kv_cache, meta):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos_sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig, tp: TPGroup, ops: TorchOps, dtype: torch.dtype):
+        super().__init__()
+        self.cfg, self.tp, self.dtype = cfg, tp, dtype
+        self.embed_tokens = VocabParallelEmbedding("model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size, tp, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(i, cfg, quant, tp, ops, dtype) for i in range(cfg.num_layers))
+        self.norm = RMSNorm("model.norm.weight", cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
+        self.lm_head = ParallelLMHead("lm_head.weight", cfg.vocab_size, cfg.hidden_size, tp, dtype)
+        self.rotary: RotaryEmbedding | None = None
+
+    def load(self, source: CheckpointSource, progress=None) -> None:
+        cfg = self.cfg
+        freq_factors = getattr(source, "extra_tensors", {}).get("rope_freqs.weight")
+        if freq_factors is not None:
+            freq_factors = torch.from_numpy(freq_factors.data.copy()).float()
+        self.rotary = RotaryEmbedding(
+            cfg.rotary_dim or cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling, freq_factors
+        )
+        self.embed_tokens.load(source)
+        for i, layer in enumerate(self.layers):
+            layer.load(source)
+            if progress:
+                progress(i + 1, len(self.layers))
+        self.norm.load(source)
+        if cfg.tie_word_embeddings:
+            self.lm_head.tie(self.embed_tokens)
+        else:
+            self.lm_head.load(source)
+
+    def kv_heads_local(self) -> int:
+        return self.layers[0].self_attn.num_kv_heads
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata):
+        """ids, positions [T] -> final hidden states [T, hidden]."""
+        x = self.embed_tokens(ids)
+        cos_sin = self.rotary.tables(positions)
+        residual = None
+        for layer, kv in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, cos_sin, kv, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[S, hidden] -> fp32 logits [S, vocab] on rank 0, None elsewhere."""
+        return self.lm_head.logits(hidden)

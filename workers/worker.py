@@ -1,0 +1,88 @@
+"""The TP worker actor: loads its shard of the weights, holds its KV cache, runs each step plan."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+from shardserve.workers.device import get_backend
+from shardserve.workers.distributed import init_tp_group
+from shardserve.workers.loader import open_checkpoint
+from shardserve.workers.model_runner import ModelRunner
+from shardserve.workers.models import model_class
+from shardserve.workers.quant import detect
+from shardserve.workers.step import StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Worker:
+    """One TP rank. Created as a Ray actor by cluster/replica.py; plain class so tests can run it in-process."""
+
+    def __init__(self, model_path: str, device: str, dtype: str, quantization: str | None, rank: int, tp_size: int):
+        self.model_path, self.rank, self.tp_size = model_path, rank, tp_size
+        self.backend = get_backend(device)
+        self.dtype = self.backend.default_dtype() if dtype == "auto" else _DTYPES[dtype]
+        self.quantization = quantization
+        self.model = None
+        self.runner: ModelRunner | None = None
+
+    def node_ip(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def init(self, master_addr: str, master_port: int, threads: int | None = None) -> dict:
+        """Join the TP group and load this rank's shard; returns what was loaded."""
+        if threads and self.backend.name == "cpu":
+            torch.set_num_threads(threads)
+        self.device = self.backend.setup(0)
+        tp = init_tp_group(self.backend.dist_backend, self.rank, self.tp_size, master_addr, master_port)
+        t0 = time.perf_counter()
+        source, cfg = open_checkpoint(self.model_path)
+        quant = detect(self.model_path, self.quantization)
+        model = model_class(cfg.architecture)(cfg, quant, tp, self.backend.ops, self.dtype)
+        model.load(source, progress=self._progress)
+        self.model = model.to(self.device)
+        self.cfg = cfg
+        return {
+            "rank": self.rank,
+            "architecture": cfg.architecture,
+            "quantization": quant.name,
+            "load_s": round(time.perf_counter() - t0, 2),
+            "pid": os.getpid(),
+        }
+
+    def _progress(self, done: int, total: int) -> None:
+        if self.rank == 0 and (done == total or done % max(1, total // 4) == 0):
+            logger.info("loading %s: layer %d/%d", self.model_path, done, total)
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.cfg.num_layers * block_size * self.model.kv_heads_local() * self.cfg.head_dim * itemsize
+
+    def init_cache(self, num_blocks: int, block_size: int) -> int:
+        shape = (num_blocks, block_size, self.model.kv_heads_local(), self.cfg.head_dim)
+        caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.cfg.num_layers)
+        ]
+        self.runner = ModelRunner(self.model, caches, block_size, self.device)
+        return num_blocks
+
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        return self.runner.execute(plan)
+
+    def ping(self) -> int:
+        return self.rank
