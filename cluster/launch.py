@@ -6,6 +6,7 @@ import logging
 import os
 
 import ray
+
 from shardserve.cluster.config import EngineConfig
 from shardserve.workers.device import resolve_device
 

@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import ray
+
 from shardserve.cluster.config import EngineConfig
 from shardserve.cluster.launch import start_router
 from shardserve.router.outputs import CompletionOutput, Delta, RequestOutput

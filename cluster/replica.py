@@ -8,6 +8,7 @@ import logging
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 from shardserve.cluster.config import EngineConfig
 from shardserve.workers.device import get_backend
 from shardserve.workers.step import StepPlan, StepResult

@@ -1,0 +1,87 @@
+"""The `shardserve` command: serve (OpenAI HTTP), generate (one-off prompts). Flags follow SGLang's launch_server."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from shardserve.cluster.config import EngineConfig
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-path", "--model", dest="model_path", default="", help="GGUF file or HF directory (default: SmolLM2-135M Q4_1)")
+    p.add_argument("--device", default="auto", choices=["auto", "npu", "cuda", "cpu"])
+    p.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=1)
+    p.add_argument("--dp-size", "--dp", dest="dp_size", type=int, default=1)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=None, help="override detection (must agree with the files)")
+    p.add_argument("--mem-fraction-static", type=float, default=0.85)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size on CPU")
+    p.add_argument("--max-running-requests", dest="max_num_seqs", type=int, default=64)
+    p.add_argument("--chunked-prefill-size", dest="max_num_batched_tokens", type=int, default=2048)
+    p.add_argument("--context-length", dest="max_model_len", type=int, default=None)
+    p.add_argument("--page-size", dest="block_size", type=int, default=16)
+    p.add_argument("--disable-radix-cache", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--cpu-threads-per-worker", type=int, default=None)
+
+
+def _config(args: argparse.Namespace) -> EngineConfig:
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from shardserve.cluster.launch import start_router
+    from shardserve.cluster.server import create_app
+
+    cfg = _config(args)
+    router, info = start_router(cfg, name="shardserve-router")
+    logging.getLogger("shardserve").info("serving %s on http://%s:%d (%s)", cfg.model_name, args.host, args.port, info)
+    uvicorn.run(create_app(router, cfg.model_name, args.api_key), host=args.host, port=args.port, log_level="info")
+
+
+def generate(args: argparse.Namespace) -> None:
+    from shardserve import LLM, SamplingParams
+
+    cfg = _config(args)
+    llm = LLM(**{"model": cfg.model_path, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "model_path"}})
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+    else:
+        outs = llm.generate(args.prompt, params)
+    for out in outs:
+        sys.stdout.write(out.outputs[0].text + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="shardserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    _engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=30000)
+    s.add_argument("--api-key", default=None)
+    s.set_defaults(func=serve)
+    g = sub.add_parser("generate", help="generate from prompts given on the command line")
+    _engine_args(g)
+    g.add_argument("prompt", nargs="+")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap each prompt as a user message with the chat template")
+    g.set_defaults(func=generate)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
