@@ -52,6 +52,10 @@ class LLM:
         refs = [self.router.complete.remote(self._request_id(), params, messages=conv) for conv in conversations]
         return [_assemble(deltas, None) for deltas in ray.get(refs)]
 
+    def score(self, token_ids: list[int]):
+        """Teacher-forced fp32 logits [len(token_ids), vocab] (a torch tensor)."""
+        return ray.get(self.router.score.remote(list(token_ids)))
+
     def stats(self) -> dict:
         return ray.get(self.router.stats.remote())
 

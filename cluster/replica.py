@@ -82,6 +82,9 @@ class Replica:
             raise WorkerDiedError(f"replica {self.index}: step failed on a worker: {e}") from e
         return results[0]
 
+    def score(self, token_ids: list[int]):
+        return self._get([w.score.remote(token_ids) for w in self.workers])[0]
+
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)

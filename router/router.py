@@ -131,6 +131,11 @@ class Router:
                 d.finish_reason, d.error = "error", message
                 self._emit(d)
 
+    async def score(self, token_ids: list[int]):
+        """Teacher-forced logits of a token sequence on the first replica (evaluation, equivalence tests)."""
+        replica = self.loops[0].replica
+        return await asyncio.get_running_loop().run_in_executor(None, replica.score, token_ids)
+
     # ---- introspection ----------------------------------------------------------------------
     def get_info(self) -> dict:
         return self.info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from shardserve.workers.device.base import AttentionMetadata
 from shardserve.workers.sampler import sample, top_logprobs
 from shardserve.workers.step import SeqResult, SeqStep, StepPlan, StepResult
@@ -23,6 +24,18 @@ class ModelRunner:
         if logits is None:  # not rank 0
             return None
         return self._results(plan.seqs, logits.cpu(), owners)
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor | None:
+        """Teacher-forced fp32 logits [T, vocab] of one sequence (rank 0), in a private scratch KV cache."""
+        nblocks = -(-len(token_ids) // self.block_size)
+        k0 = self.kv_caches[0][0]
+        shape = (nblocks, *k0.shape[1:])
+        scratch = [(k0.new_zeros(shape), k0.new_zeros(shape)) for _ in self.kv_caches]
+        ids, positions, meta = self._prepare([SeqStep(0, list(token_ids), 0, list(range(nblocks)), False)])
+        hidden = self.model(ids, positions, scratch, meta)
+        logits = self.model.compute_logits(hidden)
+        return None if logits is None else logits.cpu()
 
     def _prepare(self, seqs: list[SeqStep]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.block_size

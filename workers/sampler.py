@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from shardserve.workers.step import Logprobs, SeqStep
 
 _GREEDY_EPS = 1e-5

@@ -7,6 +7,7 @@ import os
 import time
 
 import torch
+
 from shardserve.workers.device import get_backend
 from shardserve.workers.distributed import init_tp_group
 from shardserve.workers.loader import open_checkpoint
@@ -83,6 +84,10 @@ class Worker:
 
     def execute(self, plan: StepPlan) -> StepResult | None:
         return self.runner.execute(plan)
+
+    def score(self, token_ids: list[int]):
+        """Teacher-forced logits [T, vocab] (rank 0; None elsewhere): for evaluation and equivalence tests."""
+        return self.runner.score(token_ids)
 
     def ping(self) -> int:
         return self.rank

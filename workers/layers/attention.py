@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from shardserve.workers.device.base import AttentionMetadata, TorchOps
 from shardserve.workers.distributed import TPGroup
 from shardserve.workers.layers.layernorm import RMSNorm
@@ -10,7 +12,6 @@ from shardserve.workers.layers.linear import qkv_parallel, row_parallel
 from shardserve.workers.loader.source import CheckpointSource
 from shardserve.workers.models.config import ModelConfig
 from shardserve.workers.quant.base import QuantConfig
-from torch import nn
 
 
 class Attention(nn.Module):

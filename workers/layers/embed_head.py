@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from shardserve.workers.distributed import TPGroup
 from shardserve.workers.loader.source import CheckpointSource
-from torch import nn
 
 
 class VocabParallelEmbedding(nn.Module):

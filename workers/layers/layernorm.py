@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from shardserve.workers.device.base import TorchOps
 from shardserve.workers.loader.source import CheckpointSource
-from torch import nn
 
 
 class RMSNorm(nn.Module):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from shardserve.workers.distributed import TPGroup, divide
 from shardserve.workers.loader.source import CheckpointSource
 from shardserve.workers.quant.base import LinearMethod, LinearSpec, Parallel, QuantConfig, Shard
-from torch import nn
 
 
 class LinearBase(nn.Module):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
+
 from shardserve.workers.loader.source import CheckpointError, CheckpointSource
 from shardserve.workers.models.config import ModelConfig
 

@@ -7,6 +7,7 @@ import os
 
 import torch
 from safetensors import safe_open
+
 from shardserve.workers.loader.source import CheckpointError, CheckpointSource
 
 

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
+from gguf import GGUFReader
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -22,8 +23,17 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Tokens that end a turn; llama.cpp llama-vocab.cpp adds these to special_eog_ids by their text.
 END_OF_TURN_TOKENS = (
-    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>", "<end_of_turn>",
-    "<|end|>", "<|return|>", "<|call|>", "<EOT>", "<｜end▁of▁sentence｜>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<EOT>",
+    "<｜end▁of▁sentence｜>",
 )
 
 NO_CHAT_TEMPLATE = "model has no chat template; pass a prompt to /v1/completions instead"
@@ -38,6 +48,8 @@ _LLAMA3 = _CONTRACTIONS + (
 )
 _QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")
+# Code points that Unicode normalization rewrites (U+1F7D, U+1FBE, U+1FD3, U+1FDB, U+2126, U+212A) are
+# escaped, so that no editor's NFC pass can change the class.
 _DEEPSEEK_LLM = (
     r"[\r\n]",
     "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\u1f7dᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌῐ-\u1fd3ῖ-\u1fdbῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\u2126ℨ\u212a-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
@@ -61,19 +73,23 @@ class PreTokenizerSpec:
 _PRE_GROUPS: tuple[tuple[tuple[str, ...], PreTokenizerSpec], ...] = (
     (("default",), PreTokenizerSpec(_DEFAULT)),
     (("gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais", "exaone4"), PreTokenizerSpec((_GPT2,))),
-    (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral"),
-     PreTokenizerSpec((_LLAMA3,), ignore_merges=True, add_bos=True)),
+    (
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral"),
+        PreTokenizerSpec((_LLAMA3,), ignore_merges=True, add_bos=True),
+    ),
     (("dbrx", "smaug-bpe"), PreTokenizerSpec((_LLAMA3,))),
     (("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), PreTokenizerSpec((_QWEN2,))),
-    (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
-     PreTokenizerSpec((r"\p{N}", _GPT2))),
+    (
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+        PreTokenizerSpec((r"\p{N}", _GPT2)),
+    ),
     (("deepseek-llm",), PreTokenizerSpec(_DEEPSEEK_LLM)),
     (("deepseek-coder",), PreTokenizerSpec(_DEEPSEEK_CODER)),
 )
 PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {name: spec for names, spec in _PRE_GROUPS for name in names}
 
 
-@dataclass
+@dataclass(eq=False)
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special-token facts and chat template a server needs."""
 
@@ -101,16 +117,17 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: dict[str, Any], source: str = "GGUF metadata") -> Tokenizer:
         """Build from already-read `tokenizer.*` key/values (`GGUFReaderField.contents()` of each)."""
         kind = meta.get("tokenizer.ggml.model")
+        tokens, vocab = _vocab(meta)
         if kind == "gpt2":
-            backend, add_bos = _byte_level_bpe(meta)
+            backend, add_bos = _byte_level_bpe(meta, vocab)
         elif kind == "llama":
-            backend, add_bos = _sentencepiece_bpe(meta)
+            backend, add_bos = _sentencepiece_bpe(meta, tokens, vocab)
         else:
             raise ValueError(
                 f"{source}: tokenizer.ggml.model = {kind!r} is not supported; supported: 'gpt2' (byte-level BPE), "
                 "'llama' (SentencePiece BPE)"
             )
-        _add_special_tokens(backend, meta)
+        _add_special_tokens(backend, tokens, meta.get("tokenizer.ggml.token_type") or [])
         return cls(
             backend=backend,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
@@ -140,7 +157,7 @@ class Tokenizer:
             chat_template=_hf_chat_template(path, config),
             add_bos_token=bool(add_bos),
             add_eos_token=bool(add_eos),
-            extra_stop_ids=set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []),
+            extra_stop_ids=set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos else []),
         )
 
     @property
@@ -177,7 +194,11 @@ class Tokenizer:
         return token_id in self._special_ids
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None, **kwargs: Any
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **kwargs: Any,
     ) -> str:
         """Render `messages` with the model's Jinja template, as transformers' `apply_chat_template` does."""
         if self.chat_template is None:
@@ -211,12 +232,21 @@ def compile_chat_template(source: str) -> jinja2.Template:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
         # Jinja's own tojson escapes HTML characters, which templates do not expect.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationBlock])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationBlock]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -232,7 +262,9 @@ def _flatten_content(message: dict) -> dict:
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
         if kind != "text":
-            raise ValueError(f"messages[].content part of type {kind!r} is not supported; only 'text' parts are")
+            raise ValueError(
+                f"messages[].content part of type {kind!r} is not supported; only 'text' parts are"
+            )
         texts.append(part["text"])
     return {**message, "content": "".join(texts)}
 
@@ -247,10 +279,21 @@ def _stop_ids(backend: Backend, eos_id: int | None) -> set[int]:
 
 
 def _read_gguf_tokenizer_metadata(path: str) -> dict[str, Any]:
-    from gguf import GGUFReader
-
     reader = GGUFReader(path)
     return {key: f.contents() for key, f in reader.fields.items() if key.startswith("tokenizer.")}
+
+
+def _vocab(meta: dict[str, Any]) -> tuple[list[str], dict[str, int]]:
+    """Token texts and text -> id, as llama.cpp's llama_vocab::load builds them."""
+    # llama.cpp names an empty token "[EMPTY_<id>]" so that every id keeps a distinct text.
+    tokens = [tok or f"[EMPTY_{i}]" for i, tok in enumerate(meta["tokenizer.ggml.tokens"])]
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        if vocab.setdefault(tok, i) != i:
+            raise ValueError(
+                f"duplicate token in tokenizer.ggml.tokens: {tok!r} has ids {vocab[tok]} and {i}"
+            )
+    return tokens, vocab
 
 
 def _bpe_merges(merges: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
@@ -258,7 +301,7 @@ def _bpe_merges(merges: list[str], vocab: dict[str, int]) -> list[tuple[str, str
     pairs = []
     for merge in merges:
         pos = merge.find(" ", 1)
-        left, right = merge[:pos], merge[pos + 1:]
+        left, right = merge[:pos], merge[pos + 1 :]
         # tokenizers rejects a merge whose parts are not in the vocab; llama.cpp just never applies it.
         if left in vocab and right in vocab and left + right in vocab:
             pairs.append((left, right))
@@ -267,10 +310,8 @@ def _bpe_merges(merges: list[str], vocab: dict[str, int]) -> list[tuple[str, str
     return pairs
 
 
-def _byte_level_bpe(meta: dict[str, Any]) -> tuple[Backend, bool]:
+def _byte_level_bpe(meta: dict[str, Any], vocab: dict[str, int]) -> tuple[Backend, bool]:
     """GPT-2 style byte-level BPE: the regex split of the file's pre type, then merges on byte symbols."""
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
     pre = meta.get("tokenizer.ggml.pre", "default")
     spec = PRE_TOKENIZERS.get(pre)
     if spec is None:
@@ -286,20 +327,25 @@ def _byte_level_bpe(meta: dict[str, Any]) -> tuple[Backend, bool]:
     return backend, spec.add_bos
 
 
-def _sentencepiece_bpe(meta: dict[str, Any]) -> tuple[Backend, bool]:
+def _sentencepiece_bpe(
+    meta: dict[str, Any], tokens: list[str], vocab: dict[str, int]
+) -> tuple[Backend, bool]:
     """SentencePiece BPE as llama.cpp runs it (llm_tokenizer_spm): spaces become `▁`, unknown bytes `<0xNN>`.
 
     The file has scores, not merges; the merges are the splits of each normal piece into two pieces, best
     score first (transformers' `generate_merges`). llama.cpp prefixes a space to every text fragment,
     including those after a special token, which is `Prepend` as a normalizer: it runs per fragment.
     """
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
     scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    vocab = {tok: i for i, tok in enumerate(tokens)}
     unk_id = meta.get("tokenizer.ggml.unknown_token_id", 0)
-    bpe = models.BPE(vocab, _merges_from_scores(tokens, scores, types, vocab), unk_token=tokens[unk_id],
-                     fuse_unk=True, byte_fallback=True)
+    bpe = models.BPE(
+        vocab,
+        _merges_from_scores(tokens, scores, types, vocab),
+        unk_token=tokens[unk_id],
+        fuse_unk=True,
+        byte_fallback=True,
+    )
     backend = Backend(bpe)
     space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     escape = normalizers.Replace(" ", "▁")
@@ -324,22 +370,26 @@ def _merges_from_scores(
     return [(left, right) for *_, left, right in candidates]
 
 
-def _add_special_tokens(backend: Backend, meta: dict[str, Any]) -> None:
+def _add_special_tokens(backend: Backend, tokens: list[str], types: list[int]) -> None:
     """Control and unknown tokens become special added tokens, user-defined ones plain added tokens.
 
     Both are then matched whole in the text before any split, as llama.cpp's tokenizer_st_partition
     does; only special ones are dropped by decode(skip_special_tokens=True), as llama.cpp renders
     user-defined tokens but not control ones.
     """
-    tokens = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type") or []
-    special = [AddedToken(tokens[i], special=True, normalized=False)
-               for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)]
-    user = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == USER_DEFINED]
+    special = [
+        AddedToken(tokens[i], special=True, normalized=False)
+        for i, t in enumerate(types)
+        if t in (CONTROL, UNKNOWN)
+    ]
+    user = [
+        AddedToken(tokens[i], special=False, normalized=False)
+        for i, t in enumerate(types)
+        if t == USER_DEFINED
+    ]
+    # Their texts are in the vocab, so tokenizers keeps their ids and the vocabulary size.
     backend.add_special_tokens(special)
     backend.add_tokens(user)
-    if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
-        raise ValueError("added tokens changed the vocabulary size: duplicate token texts in tokenizer.ggml.tokens")
 
 
 def _read_json(path: str) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from shardserve.workers.device.base import AttentionMetadata, TorchOps
 from shardserve.workers.distributed import TPGroup
 from shardserve.workers.layers.attention import Attention
@@ -13,7 +15,6 @@ from shardserve.workers.layers.rotary import RotaryEmbedding
 from shardserve.workers.loader.source import CheckpointSource
 from shardserve.workers.models.config import ModelConfig
 from shardserve.workers.quant.base import QuantConfig
-from torch import nn
 
 
 class MLP(nn.Module):

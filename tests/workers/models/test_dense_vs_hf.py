@@ -1,0 +1,81 @@
+"""Our decoder vs HF transformers, teacher-forced, fp32: the real SmolLM2 GGUF and tiny llama/qwen2/qwen3."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from shardserve.workers.worker import Worker
+from tests.fixtures.tiny_models import make_tiny
+
+TEXTS = [
+    "The capital of France is Paris. It is known for the Eiffel Tower, the Louvre, and its cafes. "
+    "Many tourists visit every year to see the sights and taste the food.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    "print([fibonacci(i) for i in range(10)])",
+    "In 1969, Apollo 11 landed on the Moon. Neil Armstrong and Buzz Aldrin walked on its surface while "
+    "Michael Collins orbited above. The mission returned safely to Earth on July 24.",
+    "Photosynthesis converts light energy into chemical energy. Plants absorb carbon dioxide and water, "
+    "and with sunlight they produce glucose and oxygen. This process sustains most life on Earth.",
+    "Q: What is 12 times 12?\nA: 144.\nQ: What is the square root of 81?\nA: 9.\nQ: Name three primary "
+    "colors.\nA: Red, yellow and blue.",
+]
+
+
+def _worker(path: str) -> Worker:
+    w = Worker(path, "cpu", "float32", None, 0, 1)
+    w.init("127.0.0.1", 0)
+    w.init_cache(8, 16)
+    return w
+
+
+def _compare(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(ref || ours)) over positions."""
+    top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    lp_ref, lp_ours = torch.log_softmax(ref, -1), torch.log_softmax(ours, -1)
+    kl = (lp_ref.exp() * (lp_ref - lp_ours)).sum(-1).mean().item()
+    return top1, kl
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2_path):
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32
+    ).eval()
+    return _worker(smollm2_path), hf
+
+
+def test_smollm2_gguf_matches_hf_transformers(smollm2_pair):
+    """Tolerance: top-1 agreement >= 0.99 and mean KL <= 1e-3 over >= 200 positions (issue 3)."""
+    from shardserve.workers.loader.tokenizer import Tokenizer
+
+    worker, hf = smollm2_pair
+    tok = Tokenizer.from_gguf(worker.model_path)
+    ours, ref = [], []
+    for text in TEXTS:
+        ids = tok.encode(text)
+        ours.append(worker.score(ids))
+        with torch.no_grad():
+            ref.append(hf(torch.tensor([ids])).logits[0].float())
+    ours_t, ref_t = torch.cat(ours), torch.cat(ref)
+    assert ours_t.shape[0] >= 200
+    top1, kl = _compare(ours_t, ref_t)
+    assert top1 >= 0.99, top1
+    assert kl <= 1e-3, kl
+    print(f"SmolLM2 Q4_1 vs HF over {ours_t.shape[0]} positions: top-1 {top1:.4f}, mean KL {kl:.2e}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_tiny_safetensors_match_hf(arch, cache_dir):
+    """Unquantized safetensors: logits within 1e-4 of HF's (fp32, same weights)."""
+    path = make_tiny(arch, cache_dir)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    worker = _worker(path)
+    ids = list(range(3, 3 + 60))
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    ours = worker.score(ids)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
