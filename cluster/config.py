@@ -36,11 +36,13 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # the per-step token budget (chunked prefill)
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
+    enable_expert_parallel: bool = False  # MoE: partition experts over the TP ranks instead of splitting each
     cpu_threads_per_worker: int | None = None  # None: cores / (tp * dp)
     seed: int = 0
     served_model_name: str | None = None
     ray_address: str | None = None  # None: start (or join) a local Ray
-    worker_timeout_s: float = 600.0
+    worker_timeout_s: float = 600.0  # loading a shard, or one step, may take this long before it counts as hung
+    placement_timeout_s: float = 120.0  # waiting for Ray to find the resources of a TP group
 
     def __post_init__(self) -> None:
         if not self.model_path:

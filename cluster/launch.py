@@ -76,7 +76,7 @@ def start_router(cfg: EngineConfig, name: str | None = None):
     from shardserve.workers.loader import open_checkpoint
 
     _, model_cfg = open_checkpoint(cfg.model_path)
-    check_tp(model_cfg, cfg.tp_size)  # a clear refusal here, not a failure inside a worker
+    check_tp(model_cfg, cfg.tp_size, cfg.enable_expert_parallel)  # a clear refusal here, not a failure inside a worker
     init_ray(cfg)
     cfg.device = cluster_device(cfg.device)
     actor = ray.remote(Router).options(num_cpus=0, name=name, max_concurrency=1000)

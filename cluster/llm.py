@@ -60,6 +60,7 @@ class LLM:
         return ray.get(self.router.stats.remote())
 
     def shutdown(self) -> None:
+        ray.get(self.router.shutdown.remote())
         ray.kill(self.router)
 
     def _request_id(self) -> str:

@@ -35,12 +35,12 @@ class Replica:
         self.device = backend.name
         need = bundle(cfg, backend.ray_resource)
         self.pg = placement_group([need] * cfg.tp_size, strategy="STRICT_PACK")
-        ready, _ = ray.wait([self.pg.ready()], timeout=cfg.worker_timeout_s)
+        ready, _ = ray.wait([self.pg.ready()], timeout=cfg.placement_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
             raise RuntimeError(
                 f"replica {index}: Ray could not place {cfg.tp_size} x {need} on one node "
-                f"within {cfg.worker_timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}"
+                f"within {cfg.placement_timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}"
             )
         opts = {"num_cpus": need["CPU"], "num_gpus": need.get("GPU", 0)}
         if "NPU" in need:
@@ -49,7 +49,9 @@ class Replica:
         self.workers = [
             actor.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r), **opts
-            ).remote(cfg.model_path, self.device, cfg.dtype, cfg.quantization, r, cfg.tp_size)
+            ).remote(
+                cfg.model_path, self.device, cfg.dtype, cfg.quantization, r, cfg.tp_size, cfg.enable_expert_parallel
+            )
             for r in range(cfg.tp_size)
         ]
 

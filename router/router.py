@@ -136,6 +136,15 @@ class Router:
         replica = self.loops[0].replica
         return await asyncio.get_running_loop().run_in_executor(None, replica.score, token_ids)
 
+    def shutdown(self) -> None:
+        """Stop the step loops, fail what is in flight, and give back the workers and their placement groups."""
+        for lp in self.loops:
+            if lp.task is not None:
+                lp.task.cancel()
+            self._fail_all(lp, "the server is shutting down")
+            lp.replica.shutdown()
+        self.loops.clear()
+
     # ---- introspection ----------------------------------------------------------------------
     def get_info(self) -> dict:
         return self.info

@@ -49,14 +49,14 @@ def divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
-def check_tp(cfg, tp_size: int) -> None:
+def check_tp(cfg, tp_size: int, expert_parallel: bool = False) -> None:
     """Refuse a tp_size the model cannot be split by, before any worker starts; names the valid sizes."""
     def divisors(n: int) -> list[int]:
         return [d for d in range(1, n + 1) if n % d == 0]
 
     rules = [("num_attention_heads", cfg.num_heads), ("intermediate_size", cfg.intermediate_size)]
     if cfg.is_moe:
-        rules.append(("moe_intermediate_size", cfg.moe_intermediate_size))
+        rules.append(("num_experts", cfg.num_experts) if expert_parallel else ("moe_intermediate_size", cfg.moe_intermediate_size))
     for name, n in rules:
         if n and n % tp_size:
             raise ValueError(

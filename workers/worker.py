@@ -24,7 +24,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class Worker:
     """One TP rank. Created as a Ray actor by cluster/replica.py; plain class so tests can run it in-process."""
 
-    def __init__(self, model_path: str, device: str, dtype: str, quantization: str | None, rank: int, tp_size: int):
+    def __init__(
+        self,
+        model_path: str,
+        device: str,
+        dtype: str,
+        quantization: str | None,
+        rank: int,
+        tp_size: int,
+        enable_expert_parallel: bool = False,
+    ):
+        self.enable_expert_parallel = enable_expert_parallel
         self.model_path, self.rank, self.tp_size = model_path, rank, tp_size
         self.backend = get_backend(device)
         self.dtype = self.backend.default_dtype() if dtype == "auto" else _DTYPES[dtype]
@@ -52,6 +62,7 @@ class Worker:
         tp = init_tp_group(self.backend.dist_backend, self.rank, self.tp_size, master_addr, master_port)
         t0 = time.perf_counter()
         source, cfg = open_checkpoint(self.model_path)
+        cfg.enable_expert_parallel = self.enable_expert_parallel
         quant = detect(self.model_path, self.quantization)
         model = model_class(cfg.architecture)(cfg, quant, tp, self.backend.ops, self.dtype)
         model.load(source, progress=self._progress)

@@ -74,6 +74,57 @@ class TorchOps:
         out = out.transpose(1, 2).reshape(B * meta.max_q, H, D)
         return out.index_select(0, meta.pad_index)
 
+    # ---- MoE: the semantics of torch_npu npu_moe_init_routing_v2 / npu_grouped_matmul / npu_moe_finalize_routing
+    def moe_init_routing(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expand each token once per chosen expert and sort the rows by expert (stable: token order kept).
+
+        x [T, H], topk_ids [T, k] in [0, num_experts) -> expanded_x [T*k, H] sorted by expert,
+        expanded_row_idx [T*k] (flat row t*k+j -> its position in the sorted order), expert_tokens [E] counts.
+        """
+        T, k = topk_ids.shape
+        flat = topk_ids.reshape(-1)  # [T*k] expert of row t*k+j
+        order = torch.argsort(flat, stable=True)  # [T*k] sorted position -> flat row
+        positions = torch.arange(T * k, device=x.device)
+        expanded_row_idx = torch.empty_like(order).scatter_(0, order, positions)  # [T*k] flat row -> position
+        expanded_x = x.index_select(0, order // k)  # [T*k, H]
+        expert_tokens = torch.bincount(flat, minlength=num_experts)  # [E]
+        return expanded_x, expanded_row_idx, expert_tokens
+
+    def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, group_counts: torch.Tensor) -> torch.Tensor:
+        """Rows of group g times w[g]: x [M, K] sorted by group, w [E, N, K], group_counts [E] -> [M, N].
+
+        One grouped GEMM (torch's grouped_mm) reading w as [E, K, N]: fastest when w is a transposed view
+        of contiguous [E, K, N] storage (the MoE methods' after_load lays it out so). Rows past
+        sum(group_counts) are left unspecified (as npu_grouped_matmul leaves them): callers mask them.
+        """
+        offs = group_counts.cumsum(0).to(torch.int32)  # [E] end row of each group
+        return F.grouped_mm(x.contiguous(), w.transpose(1, 2), offs=offs)  # [M, K] x [E, K, N] -> [M, N]
+
+    def moe_finalize_routing(
+        self,
+        y: torch.Tensor,
+        topk_weights: torch.Tensor,
+        expanded_row_idx: torch.Tensor,
+        shared: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Un-sort and combine: out[t] = sum_j topk_weights[t, j] * y[expanded_row_idx[t*k+j]] + shared[t].
+
+        y [T*k, H] sorted by expert, topk_weights [T, k], expanded_row_idx [T*k], shared [T, H] or None
+        -> [T, H].
+        """
+        T, k = topk_weights.shape
+        rows = y.index_select(0, expanded_row_idx).view(T, k, -1)  # [T, k, H] in token order
+        weights = topk_weights.to(y.dtype).unsqueeze(1)  # [T, 1, k]
+        out = torch.bmm(weights, rows).squeeze(1)  # [T, 1, k] @ [T, k, H] -> [T, H]
+        return out if shared is None else out + shared
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """[.., 2I] -> [.., I]: silu(gate) * up, gate the first half."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
 
 def _gather(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     blocks = cache[meta.block_tables]  # [B, max_blocks, block_size, Hkv, D]

@@ -195,6 +195,8 @@ class GGUFSource(CheckpointSource):
             index = [slice(None)] * ndim
             index[dim] = slice(start, start + length)
             return data[tuple(index)]
+        if data.dtype != np.uint8:  # gguf-py hands F32/F16 back as values, not bytes
+            return data[..., start : start + length]
         block, type_size = GGML_QUANT_SIZES[qtype]
         if start % block or length % block:
             raise CheckpointError(

@@ -32,6 +32,9 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+    # MoE experts partitioned across the TP group (rank r holds experts [r*E/tp, (r+1)*E/tp) whole)
+    # instead of every expert's intermediate dim split; set by the engine, not read from checkpoints
+    enable_expert_parallel: bool = False
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:

@@ -1,0 +1,98 @@
+"""Continuous batching through the router: concurrency changes nothing, blocks come back, prefixes are reused,
+preemption under a small KV cache recomputes to the same result."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardserve import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+PROMPTS = [
+    "The capital of France is",
+    "Hello, my name is",
+    "def fibonacci(n):",
+    "The best way to learn a language is to speak it every day with people who",
+    "1, 2, 3,",
+    "Water boils at",
+    "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole, filled with the ends of worms",
+    "Q: What is 2 + 2?\nA:",
+    "The quick brown fox",
+    "Roses are red, violets are",
+    "Machine learning is",
+    "The largest planet in the solar system is",
+    "Once upon a time",
+    "import numpy as np\nimport torch\n\ndef main():",
+    "My favourite food is",
+    "The theory of relativity was developed by",
+]
+
+
+@pytest.fixture(scope="module")
+def llm(ray_session, smollm2_path):
+    engine = LLM(smollm2_path, device="cpu", kv_cache_memory_gb=0.25, cpu_threads_per_worker=2)
+    yield engine
+    engine.shutdown()
+
+
+def test_16_concurrent_equal_one_at_a_time(llm):
+    alone = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in PROMPTS]
+    together = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert together == alone
+    stats = llm.stats()
+    assert stats["free_blocks"] == stats["total_blocks"]
+    assert stats["running"] == stats["waiting"] == 0
+
+
+def test_shared_prefix_is_served_from_the_cache(llm):
+    system = "You are a helpful assistant who answers questions about geography briefly and precisely. " * 3
+    first = llm.generate([system + "What is the capital of Spain?"], GREEDY)[0]
+    before = llm.stats()["prefix_hits"]
+    second = llm.generate([system + "What is the capital of Italy?"], GREEDY)[0]
+    hits = llm.stats()["prefix_hits"] - before
+    a, b = first.prompt_token_ids, second.prompt_token_ids
+    common = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
+    assert second.num_cached_tokens == common // 16 * 16 >= 32  # every full block of the shared prefix
+    assert hits == second.num_cached_tokens
+    # the cached prefix gives the tokens a fresh computation gives
+    again = llm.generate([{"prompt_token_ids": second.prompt_token_ids}], GREEDY)[0]
+    assert again.outputs[0].token_ids == second.outputs[0].token_ids
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    p = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=1234)
+    a = llm.generate(["Write a word:"] * 3, p)
+    assert a[0].outputs[0].token_ids == a[1].outputs[0].token_ids == a[2].outputs[0].token_ids
+
+
+def test_stop_strings_and_logprobs(llm):
+    out = llm.generate(["1, 2, 3, 4,"], SamplingParams(max_tokens=20, temperature=0, stop=[" 7"], logprobs=2))[0]
+    c = out.outputs[0]
+    assert c.finish_reason == "stop" and c.stop_reason == " 7"
+    assert c.text == " 5, 6,", c.text
+    assert len(c.logprobs) == len(c.token_ids)
+    for tid, pos in zip(c.token_ids, c.logprobs):
+        assert pos[tid].rank == 1  # greedy: the sampled token is the top one
+
+
+def test_prompt_logprobs_match_teacher_forced_scores(llm):
+    ids = llm.generate(["The capital of France is Paris, and"], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))[0]
+    scores = llm.score(ids.prompt_token_ids).log_softmax(-1)
+    assert ids.prompt_logprobs[0] is None
+    for k, pos in enumerate(ids.prompt_logprobs[1:], start=1):
+        tid = ids.prompt_token_ids[k]
+        assert abs(pos[tid].logprob - scores[k - 1, tid].item()) < 1e-4
+
+
+def test_preemption_recomputes_to_the_same_tokens(ray_session, smollm2_path, llm):
+    """12 blocks of 16 tokens for 16 requests: the scheduler must preempt, and the outputs must not change."""
+    reference = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    small = LLM(smollm2_path, device="cpu", num_kv_blocks=12, cpu_threads_per_worker=2)
+    try:
+        got = [o.outputs[0].token_ids for o in small.generate(PROMPTS, GREEDY)]
+        stats = small.stats()
+    finally:
+        small.shutdown()
+    assert got == reference
+    assert stats["preemptions"] > 0
+    assert stats["free_blocks"] == stats["total_blocks"]

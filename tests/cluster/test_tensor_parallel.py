@@ -1,0 +1,52 @@
+"""TP through real Ray worker actors and gloo: TP=n gives TP=1's greedy outputs and logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardserve import LLM, SamplingParams
+from tests.fixtures.tiny_models import make_tiny
+
+PROMPTS = [
+    "The capital of France is",
+    "def add(a, b):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def _run(path: str, tp: int, prompts, score_ids: list[int]):
+    llm = LLM(path, tp_size=tp, device="cpu", kv_cache_memory_gb=0.1, cpu_threads_per_worker=1)
+    try:
+        texts = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+        return texts, llm.score(score_ids)
+    finally:
+        llm.shutdown()
+
+
+def test_smollm2_tp3_matches_tp1(ray_session, smollm2_path):
+    """SmolLM2 has 9 heads / 3 KV heads: TP=3 splits them; greedy tokens identical, logits within 1e-3."""
+    ids = list(range(100, 164))
+    tp1, logits1 = _run(smollm2_path, 1, PROMPTS, ids)
+    tp3, logits3 = _run(smollm2_path, 3, PROMPTS, ids)
+    assert tp3 == tp1
+    assert torch.allclose(logits3, logits1, atol=1e-3), (logits3 - logits1).abs().max()
+
+
+def test_smollm2_tp2_is_refused_with_the_reason(ray_session, smollm2_path):
+    with pytest.raises(ValueError, match=r"num_attention_heads=9 is not divisible.*valid tp sizes.*\[1, 3, 9\]"):
+        LLM(smollm2_path, tp_size=2, device="cpu")
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tiny_llama_tp_matches_tp1(ray_session, cache_dir, tp):
+    """4 heads / 2 KV heads: TP=2 splits both, TP=4 replicates each KV head on two ranks."""
+    path = make_tiny("llama", cache_dir)
+    prompts = [{"prompt_token_ids": list(range(5 + i, 25 + 3 * i))} for i in range(4)]
+    ids = list(range(3, 90))
+    ref, ref_logits = _run(path, 1, prompts, ids)
+    got, logits = _run(path, tp, prompts, ids)
+    assert got == ref
+    assert torch.allclose(logits, ref_logits, atol=1e-4), (logits - ref_logits).abs().max()
