@@ -14,20 +14,17 @@ logger = logging.getLogger(__name__)
 
 
 def init_ray(cfg: EngineConfig) -> None:
+    """Join the cluster named by --ray-address or RAY_ADDRESS (set inside `ray job submit`), else start a
+    private local one: never join whatever cluster happens to run on the machine."""
     if ray.is_initialized():
         return
-    if cfg.ray_address:
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.ray_address, log_to_driver=True)
         return
-    try:  # join a running local cluster (`ray start --head`) if there is one
-        ray.init(address="auto", log_to_driver=True)
-        return
-    except (ConnectionError, RuntimeError):
-        pass
     cores = os.cpu_count() or 1
     # Logical CPUs: every TP rank needs a bundle even where ranks outnumber cores (gloo ranks share them).
     need = cfg.tp_size * cfg.dp_size * cfg.threads_per_worker()
-    ray.init(num_cpus=max(cores, need), include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=max(cores, need), include_dashboard=False, log_to_driver=True)
 
 
 def cluster_device(requested: str) -> str:

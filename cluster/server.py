@@ -53,6 +53,8 @@ def create_app(router, model_name: str, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # loc is then a byte offset, not a field
+            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
         loc = ".".join(str(x) for x in first.get("loc", [])[1:]) or None
         return error_response(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", param=loc)
 
@@ -168,6 +170,7 @@ class _Handler:
 
     async def _sse(self, request, streams, n: int, include_usage: bool) -> AsyncIterator[str]:
         prompt_tokens = completion_tokens = 0
+        done = False
         try:
             for p, (gen, first) in enumerate(streams):
                 prompt_tokens += len(first.prompt_token_ids or [])
@@ -187,7 +190,11 @@ class _Handler:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
                 yield f"data: {json.dumps(self._chunk([], usage))}\n\n"
             yield "data: [DONE]\n\n"
+            done = True
         finally:
+            # a client gone mid-stream: the server stops iterating us, so free its sequences here
+            if not done:
+                self._abort(streams)
             self.metrics.tokens.inc(completion_tokens)
 
     def _stream_choice(self, index: int, d: Delta) -> dict[str, Any]:

@@ -1,0 +1,329 @@
+"""The real `shardserve serve` process on the SmolLM2 Q4_1 GGUF, driven by the `openai` client and raw httpx."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from shardserve.cluster.config import DEFAULT_MODEL_FILE
+
+API_KEY = "sk-test"
+MODEL = DEFAULT_MODEL_FILE.removesuffix(".gguf")
+CONTEXT = 256  # small, so a ~300-token prompt overflows it
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+STARTUP_S, SHUTDOWN_S = 180.0, 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(path: str, n: int = 40) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-n:])
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, log_path: str) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(
+                f"server exited with {proc.returncode} before /health answered:\n{_log_tail(log_path)}"
+            )
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"server not healthy within {STARTUP_S:.0f}s:\n{_log_tail(log_path)}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()  # uvicorn shuts down gracefully on SIGTERM; the driver's atexit stops its Ray
+    try:
+        proc.wait(timeout=SHUTDOWN_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what this fixture started
+        proc.wait(timeout=SHUTDOWN_S)
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory) -> Iterator[str]:
+    # Join the session's own Ray explicitly: left to `address="auto"`, the server would join whichever local
+    # cluster started last, possibly another run's with no CPU left for its worker.
+    gcs_address = ray_session.get_runtime_context().gcs_address
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = str(tmp_path_factory.mktemp("server") / "serve.log")
+    flags = (
+        f"serve --host 127.0.0.1 --port {port} --kv-cache-memory-gb 0.25 --api-key {API_KEY} "
+        f"--context-length {CONTEXT} --ray-address {gcs_address}"
+    )
+    cmd = [os.path.join(os.path.dirname(sys.executable), "shardserve"), *flags.split()]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(proc, url, log_path)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server, headers=AUTH, timeout=120) as c:
+        yield c
+
+
+def _metrics(http: httpx.Client) -> dict[str, float]:
+    """Unlabelled samples of /metrics, by name."""
+    text = http.get("/metrics").text
+    return {
+        k: float(v)
+        for k, v in (
+            line.split()
+            for line in text.splitlines()
+            if line and not line.startswith("#") and "{" not in line
+        )
+    }
+
+
+def _wait_idle(http: httpx.Client, timeout_s: float) -> tuple[dict[str, float], float]:
+    """Poll /metrics until nothing runs or waits; returns the last sample and the seconds it took."""
+    start = time.monotonic()
+    while True:
+        m = _metrics(http)
+        elapsed = time.monotonic() - start
+        if (m["shardserve_running"] == 0 and m["shardserve_waiting"] == 0) or elapsed > timeout_s:
+            return m, elapsed
+        time.sleep(0.2)
+
+
+def _assert_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"}, err
+    assert err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+# ---- happy paths through the openai client -----------------------------------------------------
+
+
+def test_chat_answers_paris(client):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=16)
+    assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 1
+
+
+def test_streamed_chat_concatenates_to_the_non_streamed_text(client):
+    whole = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=16)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=QUESTION, temperature=0, max_tokens=16, stream=True
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_raw_sse_ends_with_done(http):
+    body = {"model": MODEL, "messages": QUESTION, "temperature": 0, "max_tokens": 4, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert all(json.loads(e)["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+def test_completions_stream_include_usage(client):
+    kw = {
+        "model": MODEL,
+        "prompt": "The capital of France is",
+        "temperature": 0,
+        "max_tokens": 6,
+        "extra_body": {"ignore_eos": True},
+    }
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert usage.completion_tokens == 6
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_n2_with_seed_is_reproducible(client):
+    kw = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "n": 2,
+        "seed": 1234,
+        "temperature": 1.0,
+        "max_tokens": 8,
+        "extra_body": {"ignore_eos": True},
+    }
+    first, second = client.completions.create(**kw), client.completions.create(**kw)
+    assert sorted(c.index for c in first.choices) == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert first.choices[0].text != first.choices[1].text  # each choice draws from its own seed
+    assert first.usage.completion_tokens == 16
+
+
+def test_chat_logprobs_greedy(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for pos in content:
+        assert len(pos.top_logprobs) == 3
+        assert pos.logprob <= 0
+        ranked = [alt.logprob for alt in pos.top_logprobs]
+        assert ranked == sorted(ranked, reverse=True)
+        # greedy: the sampled token is the most likely one
+        assert pos.token == pos.top_logprobs[0].token
+        assert pos.logprob == pytest.approx(pos.top_logprobs[0].logprob, abs=1e-6)
+    # the positions cover every generated token, the end-of-turn token included (which the text skips)
+    assert "".join(pos.token for pos in content).startswith(r.choices[0].message.content)
+
+
+def test_stop_string_cuts_the_text(client):
+    kw = {
+        "model": MODEL,
+        "prompt": "The capital of France is",
+        "temperature": 0,
+        "max_tokens": 12,
+        "extra_body": {"ignore_eos": True},
+    }
+    free = client.completions.create(**kw).choices[0].text
+    assert "." in free, free  # greedy SmolLM2 says " Paris." here; the stop string below needs it
+    stopped = client.completions.create(**kw, stop=["."]).choices[0]
+    assert stopped.text == free[: free.index(".")]
+    assert stopped.finish_reason == "stop"
+
+
+def test_models_lists_the_model(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [MODEL]
+
+
+def test_metrics_counts_requests(http):
+    r = http.get("/metrics")
+    assert r.status_code == 200
+    assert "shardserve_requests_total" in r.text
+    m = _metrics(http)
+    assert m["shardserve_total_blocks"] > 0
+
+
+# ---- errors, then the server still serves ----------------------------------------------------------
+
+
+def test_missing_api_key_is_401(server):
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": QUESTION}, timeout=30)
+    assert _assert_error(r, 401)["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", -1), ("temperature", -1)],
+)
+def test_bad_sampling_field_is_400_naming_it(http, field, value):
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, field: value})
+    _assert_error(r, 400, field)
+
+
+def test_empty_messages_is_400(http):
+    _assert_error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": []}), 400, "messages")
+
+
+def test_malformed_json_is_400(http):
+    r = http.post(
+        "/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"Content-Type": "application/json"},
+    )
+    _assert_error(r, 400)
+
+
+def test_unknown_model_is_404(http):
+    r = http.post("/v1/chat/completions", json={"model": "no-such-model", "messages": QUESTION})
+    _assert_error(r, 404, "model")
+
+
+def test_prompt_longer_than_context_is_400(http):
+    prompt = "hello " * 300  # about 300 tokens against a 256-token context
+    err = _assert_error(
+        http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4}), 400, "prompt"
+    )
+    assert "prompt" in err["message"] and str(CONTEXT) in err["message"], err
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
+    assert "prompt" in _assert_error(http.post("/v1/chat/completions", json=chat), 400)["message"]
+
+
+def test_still_serves_after_errors_and_nothing_is_lost(client, http):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=16)
+    assert "Paris" in r.choices[0].message.content
+    m, _ = _wait_idle(http, timeout_s=30)
+    assert m["shardserve_running"] == 0 and m["shardserve_waiting"] == 0
+    assert m["shardserve_free_blocks"] == m["shardserve_total_blocks"]
+
+
+# ---- a client that goes away mid-stream ------------------------------------------------------------
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(http):
+    max_tokens, seen = 100, 6
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    stamps = []
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                stamps.append(time.monotonic())
+                if len(stamps) == seen:
+                    break  # leaving the block closes the connection with the request half done
+    # idle well before the rest of the generation could have run to its end: it was aborted, not finished
+    bound = min(60.0, 0.5 * (max_tokens - seen) * (stamps[-1] - stamps[0]) / (seen - 1))
+    m, elapsed = _wait_idle(http, timeout_s=bound)
+    assert m["shardserve_running"] == 0 and m["shardserve_waiting"] == 0, (m, elapsed, bound)
+    assert m["shardserve_free_blocks"] == m["shardserve_total_blocks"], m
+    r = http.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0},
+    )
+    assert "Paris" in r.json()["choices"][0]["text"]
