@@ -50,8 +50,8 @@ def build_replicas(cfg: EngineConfig, tokenizer) -> list:
     replicas = [Replica(cfg, i) for i in range(cfg.dp_size)]
     out = []
     for replica in replicas:
-        info = replica.load()
-        logger.info("replica %d loaded: %s", replica.index, info)
+        replica.worker_info = replica.load()
+        logger.info("replica %d loaded: %s", replica.index, replica.worker_info)
         blocks = replica.init_cache(cfg.num_kv_blocks)
         out.append((replica, EngineCore(tokenizer, blocks, cfg.block_size, max_len, model_cfg.vocab_size, cfg)))
     return out

@@ -31,6 +31,7 @@ def bundle(cfg: EngineConfig, resource: str) -> dict[str, float]:
 class Replica:
     def __init__(self, cfg: EngineConfig, index: int):
         self.cfg, self.index = cfg, index
+        self.worker_info: list[dict] = []  # what each rank reported after loading (pid, load time, format)
         backend = get_backend(cfg.device)
         self.device = backend.name
         need = bundle(cfg, backend.ray_resource)

@@ -49,6 +49,7 @@ class Router:
             "block_size": core.blocks.block_size,
             "replicas": len(self.loops),
             "tp_size": self.cfg.tp_size,
+            "workers": [getattr(lp.replica, "worker_info", None) for lp in self.loops],
         }
         return self.info
 
