@@ -65,8 +65,10 @@ class Replica:
 
     def init_cache(self, num_blocks: int | None) -> int:
         if num_blocks is None:
-            block_bytes = max(self._get([w.kv_block_bytes.remote(self.cfg.block_size) for w in self.workers]))
-            num_blocks = int(self.cfg.kv_cache_memory_gb * 2**30 // block_bytes)
+            cfg = self.cfg
+            block_bytes = max(self._get([w.kv_block_bytes.remote(cfg.block_size) for w in self.workers]))
+            budgets = [w.kv_cache_budget.remote(cfg.mem_fraction_static, cfg.kv_cache_memory_gb) for w in self.workers]
+            num_blocks = int(min(self._get(budgets)) // block_bytes)
         self._get([w.init_cache.remote(num_blocks, self.cfg.block_size) for w in self.workers])
         return num_blocks
 

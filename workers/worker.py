@@ -84,6 +84,9 @@ class Worker:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.cfg.num_layers * block_size * self.model.kv_heads_local() * self.cfg.head_dim * itemsize
 
+    def kv_cache_budget(self, mem_fraction_static: float, cpu_gb: float) -> int:
+        return self.backend.kv_cache_budget(mem_fraction_static, cpu_gb)
+
     def init_cache(self, num_blocks: int, block_size: int) -> int:
         shape = (num_blocks, block_size, self.model.kv_heads_local(), self.cfg.head_dim)
         caches = [

@@ -159,3 +159,22 @@ class DeviceBackend:
 
     def default_dtype(self) -> torch.dtype:
         return torch.float32 if self.name == "cpu" else torch.bfloat16
+
+    def memory_info(self) -> tuple[int, int] | None:
+        """(free, total) bytes of the device memory, None where the KV budget is set in GB (CPU)."""
+        return None
+
+    def kv_cache_budget(self, mem_fraction_static: float, cpu_gb: float) -> int:
+        """Bytes this rank may give its KV cache: SGLang's rule on accelerators (the static share of total
+        memory, less what the weights and runtime already hold), a fixed size on CPU."""
+        info = self.memory_info()
+        if info is None:
+            return int(cpu_gb * 2**30)
+        free, total = info
+        budget = int(total * mem_fraction_static) - (total - free)
+        if budget <= 0:
+            raise RuntimeError(
+                f"{self.name}: the weights leave no KV cache room under --mem-fraction-static "
+                f"{mem_fraction_static} ({(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB in use); raise it"
+            )
+        return budget

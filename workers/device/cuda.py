@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from shardserve.workers.device.base import DeviceBackend, TorchOps
 
 
@@ -14,6 +15,9 @@ class CudaBackend(DeviceBackend):
 
     def device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
+
+    def memory_info(self) -> tuple[int, int]:
+        return torch.cuda.mem_get_info()
 
 
 def backend() -> DeviceBackend:

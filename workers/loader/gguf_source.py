@@ -221,7 +221,7 @@ class GGUFSource(CheckpointSource):
         the inverse as a row gather, so a rank's slice is taken after undoing it."""
         if self.architecture != "llama" or not re.search(r"self_attn\.[qk]_proj\.(weight|bias)$", name):
             return None
-        cfg = self.model_config if hasattr(self, "model_config") else None
+        cfg = self.model_config
         heads = cfg.num_heads if ".q_proj" in name else cfg.num_kv_heads
         rows = self.shape(name)[0]
         half = rows // heads // 2
