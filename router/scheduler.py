@@ -41,7 +41,8 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.num_computed == 0 and not seq.blocks.table:
+            if seq.num_computed == 0 and not seq.blocks.table and not seq.wants_prompt_logprobs:
+                # (prompt logprobs need every prompt position computed, so such requests skip the cache)
                 seq.num_cached_tokens = self.blocks.match_prefix(seq.blocks, seq.tokens)
                 seq.num_computed = seq.num_cached_tokens
             n = min(seq.num_tokens - seq.num_computed, budget)

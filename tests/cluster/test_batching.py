@@ -84,15 +84,24 @@ def test_prompt_logprobs_match_teacher_forced_scores(llm):
         assert abs(pos[tid].logprob - scores[k - 1, tid].item()) < 1e-4
 
 
-def test_preemption_recomputes_to_the_same_tokens(ray_session, smollm2_path, llm):
-    """12 blocks of 16 tokens for 16 requests: the scheduler must preempt, and the outputs must not change."""
+def test_preemption_and_chunked_prefill_give_the_same_tokens(ray_session, smollm2_path, llm):
+    """12 blocks of 16 tokens for 16 requests, and a 24-token step budget: the scheduler must preempt and
+    split prompts into chunks, and neither may change the outputs or the prompt logprobs."""
     reference = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
-    small = LLM(smollm2_path, device="cpu", num_kv_blocks=12, cpu_threads_per_worker=2)
+    lp = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    long_prompt = PROMPTS[6]
+    ref_lp = llm.generate([long_prompt], lp)[0].prompt_logprobs
+    small = LLM(smollm2_path, device="cpu", num_kv_blocks=12, max_num_batched_tokens=24, cpu_threads_per_worker=2)
     try:
         got = [o.outputs[0].token_ids for o in small.generate(PROMPTS, GREEDY)]
         stats = small.stats()
+        chunked = small.generate([long_prompt], lp)[0]
     finally:
         small.shutdown()
+    assert len(chunked.prompt_token_ids) > 24  # really split over steps
+    for a, b in zip(chunked.prompt_logprobs[1:], ref_lp[1:]):
+        (tid, x), (_, y) = next(iter(a.items())), next(iter(b.items()))
+        assert abs(x.logprob - y.logprob) < 1e-4 and tid in b
     assert got == reference
     assert stats["preemptions"] > 0
     assert stats["free_blocks"] == stats["total_blocks"]

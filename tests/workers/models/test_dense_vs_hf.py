@@ -79,3 +79,20 @@ def test_tiny_safetensors_match_hf(arch, cache_dir):
         ref = hf(torch.tensor([ids])).logits[0]
     ours = worker.score(ids)
     assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
+
+
+def test_sharded_safetensors_index_loads(cache_dir, tmp_path):
+    """A checkpoint split over several files with model.safetensors.index.json loads to the same logits."""
+    import shutil
+
+    path = make_tiny("llama", cache_dir)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(path, f), tmp_path)
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    ids = list(range(3, 40))
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert torch.allclose(_worker(str(tmp_path)).score(ids), ref, atol=1e-4, rtol=1e-4)
