@@ -160,7 +160,7 @@ import json, os, sys
 import ray
 from shardserve import LLM, SamplingParams
 
-emulation, model, prompt = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+emulation, model, prompt, tp = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 env = {"PYTHONPATH": os.pathsep.join(p for p in (emulation, os.environ.get("PYTHONPATH")) if p)}
 ray.init(address="local", num_cpus=8, resources={"NPU": 3}, include_dashboard=False, log_to_driver=False,
          runtime_env={"env_vars": env})  # "local": a fresh Ray even where the test session runs one
@@ -175,7 +175,7 @@ def bind():
 
 params = SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=1)
 result = {"bind": ray.get(bind.remote())}
-for name, kwargs in (("npu", dict(tp_size=3, device="npu")), ("cpu", dict(tp_size=1, device="cpu"))):
+for name, kwargs in (("npu", dict(tp_size=tp, device="npu")), ("cpu", dict(tp_size=1, device="cpu"))):
     # KV cache: 0.2 of the emulated card's 512 MiB on each npu rank (allocated in host RAM), 0.1 GiB on cpu
     llm = LLM(model, dtype="float32", kv_cache_memory_gb=0.1, mem_fraction_static=0.2, cpu_threads_per_worker=1,
               **kwargs)
@@ -187,13 +187,11 @@ print("RESULT " + json.dumps(result))
 """
 
 
-@pytest.mark.slow
-def test_npu_emulated_smollm2_tp3_on_ray_matches_cpu(smollm2_path, npu_emulation_dir):
-    """LLM(tp_size=3, device="npu") on a fresh Ray (in a subprocess) whose every worker has the emulation on its
+def _npu_vs_cpu_on_ray(model: str, prompt: list[int], tp: int, emulation_dir: str) -> None:
+    """LLM(tp_size=tp, device="npu") on a fresh Ray (in a subprocess) whose every worker has the emulation on its
     PYTHONPATH through the job's runtime_env; HCCL is replaced by gloo there. Against LLM(tp_size=1, cpu)."""
-    prompt = prompts(smollm2_path)[0]
     run = subprocess.run(
-        [sys.executable, "-c", TP3_SCRIPT, npu_emulation_dir, smollm2_path, json.dumps(prompt)],
+        [sys.executable, "-c", TP3_SCRIPT, emulation_dir, model, json.dumps(prompt), str(tp)],
         capture_output=True, text=True, timeout=540,
         env={k: v for k, v in os.environ.items() if k not in ("ASCEND_RT_VISIBLE_DEVICES", "RAY_ADDRESS")},
     )
@@ -207,3 +205,14 @@ def test_npu_emulated_smollm2_tp3_on_ray_matches_cpu(smollm2_path, npu_emulation
     assert len(npu["prompt_logprobs"]) == len(prompt) >= 32
     for a, b in zip(npu["prompt_logprobs"][1:], cpu["prompt_logprobs"][1:]):
         assert abs(a - b) <= LOGIT_ATOL, (a, b)
+
+
+@pytest.mark.slow
+def test_npu_emulated_smollm2_tp3_on_ray_matches_cpu(smollm2_path, npu_emulation_dir):
+    _npu_vs_cpu_on_ray(smollm2_path, prompts(smollm2_path)[0], 3, npu_emulation_dir)
+
+
+def test_npu_emulated_moe_tp2_on_ray_matches_cpu(npu_emulation_dir):
+    """The MoE path (init_routing_v2, grouped_matmul, finalize_routing) split over 2 emulated NPU ranks."""
+    g = torch.Generator().manual_seed(5)
+    _npu_vs_cpu_on_ray(moe_fixture("qwen2_moe"), torch.randint(0, 256, (40,), generator=g).tolist(), 2, npu_emulation_dir)

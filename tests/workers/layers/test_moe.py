@@ -305,13 +305,19 @@ def test_ranks_match_tp1(size: int, ep: bool, tmp_path: Path):
 
 
 # ---- through the cluster: Ray worker actors, the router's step plans --------------------------------------
-def test_llm_tp2_matches_hf(ray_session):
+@pytest.mark.parametrize(
+    "size,ep",
+    [(2, False), (2, True), pytest.param(4, False, marks=pytest.mark.slow), pytest.param(4, True, marks=pytest.mark.slow)],
+    ids=["tp2", "ep2", "tp4", "ep4"],
+)
+def test_llm_matches_hf(ray_session, size: int, ep: bool):
+    """TP (each expert split) and EP (experts partitioned) through Ray worker actors and gloo."""
     from shardserve import LLM, SamplingParams
 
     hf = hf_reference("qwen2_moe")
     prompt = sequences(hf.config.vocab_size)[0]
-    llm = LLM(fixtures().safetensors_model("qwen2_moe"), tp_size=2, device="cpu", kv_cache_memory_gb=0.1,
-              cpu_threads_per_worker=1)
+    llm = LLM(fixtures().safetensors_model("qwen2_moe"), tp_size=size, device="cpu", kv_cache_memory_gb=0.1,
+              cpu_threads_per_worker=1, enable_expert_parallel=ep)
     try:
         logits = llm.score(prompt)  # [len, V] teacher-forced
         greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
