@@ -144,6 +144,7 @@ def run_shardserve(args: argparse.Namespace) -> EngineResult:
         tp_size=1,
         device="cpu",
         cpu_threads_per_worker=args.threads,
+        cpu_int4_kernel=args.cpu_int4_kernel,
         kv_cache_memory_gb=0.5,
         max_num_seqs=max(16, args.concurrency),
     )
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         "--concurrent-tokens", type=int, default=64, help="decode tokens measured per concurrent sequence"
     )
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
+    p.add_argument("--cpu-int4-kernel", action="store_true", help="shardserve: Q4_0/Q4_1 weights in the bf16 int4 kernel")
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
     args.model_path = args.model_path or default_model_path()

@@ -29,6 +29,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--cpu-threads-per-worker", type=int, default=None)
+    p.add_argument("--cpu-int4-kernel", action="store_true",
+                   help="CPU: keep GGUF Q4_0/Q4_1 weights 4-bit, matmul in bf16 (faster, rounds activations to bf16)")
 
 
 def _config(args: argparse.Namespace) -> EngineConfig:

@@ -68,7 +68,6 @@ def load_tokenizer(model_path: str):
 def start_router(cfg: EngineConfig, name: str | None = None):
     """The router actor (no resources of its own), started and loaded; returns (handle, info)."""
     from shardserve.router.router import Router
-
     from shardserve.workers.distributed import check_tp
     from shardserve.workers.loader import open_checkpoint
 

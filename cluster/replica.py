@@ -51,7 +51,8 @@ class Replica:
             actor.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r), **opts
             ).remote(
-                cfg.model_path, self.device, cfg.dtype, cfg.quantization, r, cfg.tp_size, cfg.enable_expert_parallel
+                cfg.model_path, self.device, cfg.dtype, cfg.quantization, r, cfg.tp_size, cfg.enable_expert_parallel,
+                cfg.cpu_int4_kernel,
             )
             for r in range(cfg.tp_size)
         ]

@@ -33,10 +33,11 @@ class Worker:
         rank: int,
         tp_size: int,
         enable_expert_parallel: bool = False,
+        cpu_int4_kernel: bool = False,
     ):
         self.enable_expert_parallel = enable_expert_parallel
         self.model_path, self.rank, self.tp_size = model_path, rank, tp_size
-        self.backend = get_backend(device)
+        self.backend = get_backend(device, cpu_int4_kernel)
         self.dtype = self.backend.default_dtype() if dtype == "auto" else _DTYPES[dtype]
         self.quantization = quantization
         self.model = None

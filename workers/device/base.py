@@ -29,6 +29,10 @@ class AttentionMetadata:
 class TorchOps:
     """Device-neutral torch ops (CPU, CUDA)."""
 
+    # whether int4_group_matmul is a kernel that beats a float matmul of the dequantized weight: quant methods
+    # keep int4 weights packed only then (the reference here dequantizes the whole weight at every call)
+    int4_kernel: bool = False
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -124,6 +128,36 @@ class TorchOps:
         """[.., 2I] -> [.., I]: silu(gate) * up, gate the first half."""
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    # ---- int4 weights with a scale and a zero per group of G along K (GGUF Q4_0 / Q4_1)
+    def pack_int4(self, q: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Once after loading: q [N, K] (uint8 or int32, values 0..15), scales_zeros [K/G, N, 2] float ->
+        (packed, scales_zeros) in this table's layout and dtype, for its int4_group_matmul and unpack_int4 only.
+
+        The reference packs two values a byte, [N, K/2] uint8 (even k in the low nibble), scales in float32.
+        """
+        q8 = q.to(torch.uint8)
+        return q8[:, 0::2] | (q8[:, 1::2] << 4), scales_zeros.float()
+
+    def unpack_int4(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+        """pack_int4's inverse: q [N, K] uint8 (K = G * rows of scales_zeros)."""
+        return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(1)  # [N, K/2, 2] -> [N, K]
+
+    def int4_group_matmul(
+        self, x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor
+    ) -> torch.Tensor:
+        """y [T, N] = x [T, K] @ w.T in x.dtype, w[n, k] = (q[n, k] - 8) * scale[k // G, n] + zero[k // G, n]
+        with (scale, zero) = scales_zeros[k // G, n] (the semantics of torch's _weight_int4pack_mm)."""
+        w = int4_dequantize(self.unpack_int4(packed, scales_zeros, group_size), scales_zeros, group_size)
+        return F.linear(x.float(), w).to(x.dtype)  # [T, K] @ [N, K].T
+
+
+def int4_dequantize(q: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """q [N, K] in 0..15, scales_zeros [K/G, N, 2] -> w [N, K] float32 = (q - 8) * scale + zero per group."""
+    N, K = q.shape
+    s, z = scales_zeros.float().permute(2, 1, 0).unsqueeze(-1)  # [N, K/G, 1] each
+    w = (q.reshape(N, K // group_size, group_size).float() - 8) * s + z  # [N, K/G, G]
+    return w.view(N, K)
 
 
 def _gather(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

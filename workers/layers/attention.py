@@ -19,9 +19,10 @@ class Attention(nn.Module):
         super().__init__()
         D = cfg.head_dim
         self.qkv = qkv_parallel(
-            f"{prefix}.qkv_proj", cfg.hidden_size, D, cfg.num_heads, cfg.num_kv_heads, quant, tp, dtype, cfg.attention_bias
+            f"{prefix}.qkv_proj", cfg.hidden_size, D, cfg.num_heads, cfg.num_kv_heads, quant, tp, ops, dtype,
+            cfg.attention_bias,
         )
-        self.o_proj = row_parallel(f"{prefix}.o_proj", cfg.num_heads * D, cfg.hidden_size, quant, tp, dtype)
+        self.o_proj = row_parallel(f"{prefix}.o_proj", cfg.num_heads * D, cfg.hidden_size, quant, tp, ops, dtype)
         self.num_heads = cfg.num_heads // tp.size
         self.num_kv_heads = self.qkv.spec.output_shards[1].length // D
         self.head_dim, self.scale, self.ops = D, D**-0.5, ops

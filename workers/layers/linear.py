@@ -5,18 +5,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shardserve.workers.device.base import TorchOps
 from shardserve.workers.distributed import TPGroup, divide
 from shardserve.workers.loader.source import CheckpointSource
 from shardserve.workers.quant.base import LinearMethod, LinearSpec, Parallel, QuantConfig, Shard
 
 
 class LinearBase(nn.Module):
-    """A linear layer whose weights come from its quant method; biases stay in float."""
+    """A linear layer whose weights come from its quant method; biases stay in float.
 
-    def __init__(self, spec: LinearSpec, quant: QuantConfig, tp: TPGroup, bias: bool):
+    `ops`, the device's op table, is the layer's so that its method can reach the device's kernels.
+    """
+
+    def __init__(self, spec: LinearSpec, quant: QuantConfig, tp: TPGroup, ops: TorchOps, bias: bool):
         super().__init__()
         self.spec = spec
-        self.tp = tp
+        self.tp, self.ops = tp, ops
         self.method: LinearMethod = quant.linear_method(spec.prefix)
         self.has_bias = bias
         self.bias: torch.Tensor | None = None
@@ -56,27 +60,39 @@ def _spec(
 
 
 def column_parallel(
-    prefix: str, subs: list[str], k: int, sizes: list[int], quant: QuantConfig, tp: TPGroup, dtype, bias=False
+    prefix: str, subs: list[str], k: int, sizes: list[int], quant: QuantConfig, tp: TPGroup, ops: TorchOps, dtype,
+    bias=False,
 ) -> LinearBase:
     """N split evenly per sub-matrix (merged gate/up when len(subs) > 1)."""
     shards = [Shard(tp.rank * divide(n, tp.size, f"{s}.out"), n // tp.size) for s, n in zip(subs, sizes)]
-    return LinearBase(_spec(prefix, subs, sizes, shards, k, Shard(0, k), "column", dtype), quant, tp, bias)
+    return LinearBase(_spec(prefix, subs, sizes, shards, k, Shard(0, k), "column", dtype), quant, tp, ops, bias)
 
 
-def row_parallel(prefix: str, k: int, n: int, quant: QuantConfig, tp: TPGroup, dtype, bias=False) -> LinearBase:
+def row_parallel(
+    prefix: str, k: int, n: int, quant: QuantConfig, tp: TPGroup, ops: TorchOps, dtype, bias=False
+) -> LinearBase:
     """K split evenly; partial sums all-reduced."""
     kl = divide(k, tp.size, f"{prefix}.in")
     spec = _spec(prefix, [prefix], [n], [Shard(0, n)], k, Shard(tp.rank * kl, kl), "row", dtype)
-    return LinearBase(spec, quant, tp, bias)
+    return LinearBase(spec, quant, tp, ops, bias)
 
 
-def replicated(prefix: str, k: int, n: int, quant: QuantConfig, dtype, bias=False) -> LinearBase:
+def replicated(prefix: str, k: int, n: int, quant: QuantConfig, ops: TorchOps, dtype, bias=False) -> LinearBase:
     spec = _spec(prefix, [prefix], [n], [Shard(0, n)], k, Shard(0, k), "replicated", dtype)
-    return LinearBase(spec, quant, TPGroup(), bias)
+    return LinearBase(spec, quant, TPGroup(), ops, bias)
 
 
 def qkv_parallel(
-    prefix: str, hidden: int, head_dim: int, heads: int, kv_heads: int, quant: QuantConfig, tp: TPGroup, dtype, bias
+    prefix: str,
+    hidden: int,
+    head_dim: int,
+    heads: int,
+    kv_heads: int,
+    quant: QuantConfig,
+    tp: TPGroup,
+    ops: TorchOps,
+    dtype,
+    bias,
 ) -> LinearBase:
     """Q heads split across ranks; KV heads split too, or replicated when fewer than ranks (GQA)."""
     hq = divide(heads, tp.size, "num_attention_heads")
@@ -90,4 +106,5 @@ def qkv_parallel(
     sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
     kv = Shard(kv_first * head_dim, hkv * head_dim)
     shards = [Shard(tp.rank * hq * head_dim, hq * head_dim), kv, kv]
-    return LinearBase(_spec(prefix, subs, sizes, shards, hidden, Shard(0, hidden), "column", dtype), quant, tp, bias)
+    spec = _spec(prefix, subs, sizes, shards, hidden, Shard(0, hidden), "column", dtype)
+    return LinearBase(spec, quant, tp, ops, bias)

@@ -56,9 +56,9 @@ class SharedExpert(nn.Module):
         super().__init__()
         p = f"{prefix}.shared_expert"
         subs = [f"{p}.gate_proj", f"{p}.up_proj"]
-        self.gate_up = column_parallel(f"{p}.gate_up_proj", subs, hidden, [inter, inter], quant, tp, dtype)
-        self.down = row_parallel(f"{p}.down_proj", inter, hidden, quant, tp, dtype)
-        self.gate = replicated(f"{prefix}.shared_expert_gate", hidden, 1, _FLOAT, dtype)
+        self.gate_up = column_parallel(f"{p}.gate_up_proj", subs, hidden, [inter, inter], quant, tp, ops, dtype)
+        self.down = row_parallel(f"{p}.down_proj", inter, hidden, quant, tp, ops, dtype)
+        self.gate = replicated(f"{prefix}.shared_expert_gate", hidden, 1, _FLOAT, ops, dtype)
         self.ops = ops
 
     def load(self, source: CheckpointSource) -> None:
@@ -79,7 +79,7 @@ class SparseMoeBlock(nn.Module):
         E, H, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.tp, self.ops, self.num_experts = tp, ops, E
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = replicated(f"{prefix}.gate", H, E, _FLOAT, dtype)
+        self.gate = replicated(f"{prefix}.gate", H, E, _FLOAT, ops, dtype)
         if cfg.enable_expert_parallel:
             n = divide(E, tp.size, "num_experts (expert parallel)")
             experts, rows = Shard(tp.rank * n, n), Shard(0, inter)

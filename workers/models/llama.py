@@ -20,11 +20,11 @@ from shardserve.workers.quant.base import QuantConfig
 class MLP(nn.Module):
     """SwiGLU: gate/up merged column-parallel, down row-parallel."""
 
-    def __init__(self, prefix: str, hidden: int, inter: int, quant: QuantConfig, tp: TPGroup, dtype):
+    def __init__(self, prefix: str, hidden: int, inter: int, quant: QuantConfig, tp: TPGroup, ops: TorchOps, dtype):
         super().__init__()
         subs = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
-        self.gate_up = column_parallel(f"{prefix}.gate_up_proj", subs, hidden, [inter, inter], quant, tp, dtype)
-        self.down = row_parallel(f"{prefix}.down_proj", inter, hidden, quant, tp, dtype)
+        self.gate_up = column_parallel(f"{prefix}.gate_up_proj", subs, hidden, [inter, inter], quant, tp, ops, dtype)
+        self.down = row_parallel(f"{prefix}.down_proj", inter, hidden, quant, tp, ops, dtype)
 
     def load(self, source: CheckpointSource) -> None:
         self.gate_up.load(source)
@@ -45,7 +45,7 @@ class DecoderLayer(nn.Module):
 
             self.mlp = SparseMoeBlock(f"{p}.mlp", cfg, quant, tp, ops, dtype)
         else:
-            self.mlp = MLP(f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size, quant, tp, dtype)
+            self.mlp = MLP(f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size, quant, tp, ops, dtype)
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(f"{p}.input_layernorm.weight", cfg.hidden_size, eps, ops, dtype)
         self.post_attention_layernorm = RMSNorm(f"{p}.post_attention_layernorm.weight", cfg.hidden_size, eps, ops, dtype)

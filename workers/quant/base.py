@@ -108,7 +108,7 @@ class LinearMethod(ABC):
 
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """x [T, K_local] -> [T, N_local], without bias."""
+        """x [T, K_local] -> [T, N_local], without bias; the device's kernels are `layer.ops`, its op table."""
 
     @abstractmethod
     def reference_weight(self, layer: nn.Module) -> torch.Tensor:
