@@ -217,7 +217,11 @@ class QuantConfig(ABC):
     def moe_method(self, prefix: str, which: MoEWhich) -> MoEMethod:
         """The method for one stacked expert weight of the experts module `prefix` (mix-bits: w13 and w2
         are asked for separately and may differ)."""
-        raise NotImplementedError(f"quantization format {self.name!r} has no MoE method ({prefix}, {which})")
+        with_moe = sorted(n for n, c in _REGISTRY.items() if c.moe_method is not QuantConfig.moe_method)
+        raise ValueError(
+            f"quantization format {self.name!r} cannot load MoE expert weights ({prefix}, {which}); "
+            f"formats with MoE support: {with_moe}"
+        )
 
 
 _REGISTRY: dict[str, type[QuantConfig]] = {}
