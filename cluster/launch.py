@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -39,13 +40,11 @@ def cluster_device(requested: str) -> str:
     return "cpu"
 
 
-def build_replicas(cfg: EngineConfig, tokenizer) -> list:
+def build_replicas(cfg: EngineConfig, tokenizer, model_cfg) -> list:
     """Inside the router actor: create and load every replica, size its KV cache, make its engine core."""
     from shardserve.cluster.replica import Replica
     from shardserve.router.engine import EngineCore
-    from shardserve.workers.loader import open_checkpoint
 
-    _, model_cfg = open_checkpoint(cfg.model_path)
     max_len = min(cfg.max_model_len or model_cfg.max_position, model_cfg.max_position)
     replicas = [Replica(cfg, i) for i in range(cfg.dp_size)]
     out = []
@@ -76,6 +75,7 @@ def start_router(cfg: EngineConfig, name: str | None = None):
     init_ray(cfg)
     cfg.device = cluster_device(cfg.device)
     actor = ray.remote(Router).options(num_cpus=0, name=name, max_concurrency=1000)
-    router = actor.remote(cfg, build_replicas, load_tokenizer)
+    # the model config read above travels with the builder: the router need not parse the checkpoint again
+    router = actor.remote(cfg, functools.partial(build_replicas, model_cfg=model_cfg), load_tokenizer)
     info = ray.get(router.start.remote())
     return router, info

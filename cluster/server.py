@@ -158,7 +158,7 @@ class _Handler:
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model, "choices": choices, "usage": usage}
 
     def _choice(self, index: int, text: str, last: Delta, pairs: list) -> dict[str, Any]:
-        c: dict[str, Any] = {"index": index, "finish_reason": _finish(last.finish_reason)}
+        c: dict[str, Any] = {"index": index, "finish_reason": last.finish_reason}
         if self.kind == "chat.completion":
             c["message"] = {"role": "assistant", "content": text}
             c["logprobs"] = _chat_logprobs(pairs) if pairs else None
@@ -198,7 +198,7 @@ class _Handler:
             self.metrics.tokens.inc(completion_tokens)
 
     def _stream_choice(self, index: int, d: Delta) -> dict[str, Any]:
-        c: dict[str, Any] = {"index": index, "finish_reason": _finish(d.finish_reason)}
+        c: dict[str, Any] = {"index": index, "finish_reason": d.finish_reason}
         if self.kind == "chat.completion":
             c["delta"] = {"content": d.text} if d.text or d.finish_reason is None else {}
             c["logprobs"] = _chat_logprobs(_pairs([d])) if d.logprobs else None
@@ -216,10 +216,6 @@ class _Handler:
         if usage is not None:
             chunk["usage"] = usage
         return chunk
-
-
-def _finish(reason: str | None) -> str | None:
-    return {"abort": "abort", "error": "error"}.get(reason, reason)
 
 
 def _token_entry(v) -> dict[str, Any]:

@@ -65,9 +65,6 @@ class BlockManager:
         self.stats.prefix_hits += hit
         return hit
 
-    def can_allocate(self, seq: SeqBlocks, num_tokens: int) -> bool:
-        return self._needed(seq, num_tokens) <= self.num_free
-
     def allocate(self, seq: SeqBlocks, num_tokens: int) -> bool:
         """Grow the table to hold num_tokens; False (and nothing taken) if the blocks are not there."""
         need = self._needed(seq, num_tokens)

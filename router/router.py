@@ -150,9 +150,6 @@ class Router:
     def get_info(self) -> dict:
         return self.info
 
-    def tokenizer_info(self) -> dict:
-        return {"eos_token_id": self.tokenizer.eos_token_id, "vocab_size": self.tokenizer.vocab_size}
-
     def stats(self) -> dict:
         out = {"running": 0, "waiting": 0, "free_blocks": 0, "prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
         for lp in self.loops:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -237,5 +236,3 @@ def register(cls: type[QuantConfig]) -> type[QuantConfig]:
 def registered() -> dict[str, type[QuantConfig]]:
     return dict(_REGISTRY)
 
-
-DetectFn = Callable[[str], "QuantConfig | None"]
