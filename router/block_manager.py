@@ -15,6 +15,7 @@ class Block:
 
 @dataclass
 class BlockStats:
+    # counted by the scheduler once per sequence, at its first admission (not on retries or after preemption)
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hits: int = 0  # of which served from it
     preemptions: int = 0
@@ -48,7 +49,6 @@ class BlockManager:
         The last token is always recomputed: its logits are needed to sample.
         """
         assert not seq.table, "prefix matching happens at admission, on an empty table"
-        self.stats.prefix_queries += len(tokens)
         if not self.enable_prefix_caching:
             return 0
         parent = None
@@ -61,9 +61,7 @@ class BlockManager:
             seq.table.append(bid)
             seq.hashes.append(h)
             parent = h
-        hit = len(seq.table) * self.block_size
-        self.stats.prefix_hits += hit
-        return hit
+        return len(seq.table) * self.block_size
 
     def allocate(self, seq: SeqBlocks, num_tokens: int) -> bool:
         """Grow the table to hold num_tokens; False (and nothing taken) if the blocks are not there."""

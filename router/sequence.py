@@ -34,7 +34,8 @@ class Sequence:
     cumulative_logprob: float = 0.0
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    num_preemptions: int = 0
     emitted_text: int = 0  # characters of detokenizer.text already streamed
     sent_prompt: bool = False
     finish_reason: str | None = None
@@ -57,5 +58,6 @@ class Sequence:
         """Back to waiting; its KV is dropped and recomputed (prompt and outputs) on readmission."""
         self.status = Status.WAITING
         self.num_computed = 0
+        self.num_preemptions += 1
         if self.wants_prompt_logprobs:
             self.prompt_logprobs.clear()
