@@ -15,15 +15,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
-        ids, positions, meta = self._prepare(plan.seqs)
-        hidden = self.model(ids, positions, self.kv_caches, meta)  # [T, hidden]
         rows, owners = self._logit_rows(plan.seqs)
-        if not rows:
-            return StepResult() if self.model.tp.rank == 0 else None
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
-        if logits is None:  # not rank 0
+        logits = self.logits(plan.seqs, rows)
+        if self.model.tp.rank != 0:
             return None
-        return self._results(plan.seqs, logits.cpu(), owners)
+        return self._results(plan.seqs, logits.cpu(), owners) if rows else StepResult()
+
+    @torch.inference_mode()
+    def logits(self, seqs: list[SeqStep], rows: list[int]) -> torch.Tensor | None:
+        """The step's forward, on the model's device: fp32 logits [len(rows), vocab] of hidden rows `rows` on
+        rank 0; None on the other ranks, and when no row needs logits."""
+        ids, positions, meta = self._prepare(seqs)
+        hidden = self.model(ids, positions, self.kv_caches, meta)  # [T, hidden]
+        if not rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor | None:
@@ -68,6 +74,7 @@ class ModelRunner:
             attn_mask=mask.unsqueeze(1).to(dev),
             max_q=max_q,
             max_k=max_k,
+            is_prefill=max_q > 1,
         )
         return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta
 

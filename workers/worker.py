@@ -4,21 +4,45 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 import torch
 
 from shardserve.workers.device import get_backend
 from shardserve.workers.distributed import init_tp_group
-from shardserve.workers.loader import open_checkpoint
+from shardserve.workers.loader import CheckpointError, CheckpointSource, open_checkpoint
 from shardserve.workers.model_runner import ModelRunner
 from shardserve.workers.models import model_class
+from shardserve.workers.models.config import ModelConfig
 from shardserve.workers.quant import detect
 from shardserve.workers.step import StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# tensors some checkpoints carry that no model reads: the rotary tables older HF llama exports saved
+_NEVER_READ = re.compile(r"\.rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
+_LISTED = 10
+
+
+def check_consumed(source: CheckpointSource, cfg: ModelConfig) -> None:
+    """After the model's load: every checkpoint tensor was read by some layer (or, under expert parallelism,
+    left to the rank holding it), else a CheckpointError naming the files and tensors left over. A tensor
+    nobody reads is a layer this engine does not build or a quantization tensor its method does not declare:
+    serving without it would be silently wrong."""
+    left = [n for n in source.unconsumed() if not _NEVER_READ.search(n)]
+    if cfg.tie_word_embeddings:  # HF ties lm_head to the embedding and ignores a stored copy; so do we
+        left = [n for n in left if n != "lm_head.weight"]
+    if not left:
+        return
+    files = sorted({source.file_of(n) for n in left})
+    more = f" and {len(left) - _LISTED} more" if len(left) > _LISTED else ""
+    raise CheckpointError(
+        ", ".join(files), None,
+        f"{len(left)} tensors were not loaded by any layer: {left[:_LISTED]}{more}. The {cfg.architecture} model or "
+        f"the quantization format does not know them: check --quantization, or report the checkpoint",
+    )
 
 
 class Worker:
@@ -67,6 +91,7 @@ class Worker:
         quant = detect(self.model_path, self.quantization)
         model = model_class(cfg.architecture)(cfg, quant, tp, self.backend.ops, self.dtype)
         model.load(source, progress=self._progress)
+        check_consumed(source, cfg)
         self.model = model.to(self.device)
         self.cfg = cfg
         return {

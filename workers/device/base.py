@@ -8,10 +8,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shardserve.workers.device.quant_ops import QuantOps
+
 
 @dataclass
 class AttentionMetadata:
-    """One step's batch layout, built once by the model runner and read by every attention layer.
+    """One step's batch layout, built once by the model runner and read by every attention layer (and, through
+    `is_prefill`, by every linear layer's quant method).
 
     Tokens of all sequences are flattened to T rows; sequence b owns rows query_start[b]:query_start[b+1].
     """
@@ -24,10 +27,13 @@ class AttentionMetadata:
     attn_mask: torch.Tensor  # [B, 1, max_q, max_k] bool: causal within the sequence's context
     max_q: int
     max_k: int
+    # some sequence feeds more than one token (max_q > 1): schemes such as ModelSlim W8A8_MIX quantize
+    # activations per token while prefilling and with static scales while decoding
+    is_prefill: bool
 
 
-class TorchOps:
-    """Device-neutral torch ops (CPU, CUDA)."""
+class TorchOps(QuantOps):
+    """Device-neutral torch ops (CPU, CUDA), the quantized matmuls (quant_ops.py) included."""
 
     # whether int4_group_matmul is a kernel that beats a float matmul of the dequantized weight: quant methods
     # keep int4 weights packed only then (the reference here dequantizes the whole weight at every call)

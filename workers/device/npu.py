@@ -19,7 +19,7 @@ import os
 import torch
 
 from shardserve.workers.device.base import AttentionMetadata, DeviceBackend, TorchOps
-from shardserve.workers.device.quant_ops import QuantOps, WeightKind
+from shardserve.workers.device.quant_ops import WeightKind
 
 VISIBLE_DEVICES = "ASCEND_RT_VISIBLE_DEVICES"
 MASK_SIZE = 2048  # fused attention's compressed causal mask for sparse_mode 2/3/4 is always 2048 x 2048
@@ -90,7 +90,7 @@ def _emulated(npu) -> bool:
     return bool(getattr(npu, "EMULATED", False))
 
 
-class NpuOps(TorchOps, QuantOps):
+class NpuOps(TorchOps):
     """The op table on torch_npu kernels. Each call names the source its signature was taken from:
     [yaml] = op_plugin_functions.yaml, [doc] = docs/zh/custom_APIs/torch_npu/torch_npu-<op>.md, both Ascend/op-plugin;
     [vllm-ascend path] = the same call in vllm-ascend."""

@@ -5,6 +5,9 @@ W4A4_DYNAMIC, W8A16/W4A16 (per channel or per group) and W8A8_MXFP8. A weight en
 [N, K] (`nn.Linear` layout, N out, K in) and goes through `prepare_weight` once, after loading; the matmuls take
 what `prepare_weight` returned, so a device may keep its own layout (the NPU transposes and packs int4).
 Likewise `dynamic_quant(bits=4)` returns this table's container: pass it only to this table's `quant_matmul`.
+The grouped matmuls (MoE experts, rows sorted by expert as TorchOps.grouped_matmul takes them) read the stacked
+weight [E, N, K] as loaded, not through `prepare_weight`; no table overrides them yet, so the NPU runs these
+plain-torch references too.
 """
 
 from __future__ import annotations
@@ -62,13 +65,7 @@ class QuantOps:
         scale [N] float32: deq_scale (W8A8 static) or weight_scale (dynamic);
         pertoken_scale [M] float32 from dynamic_quant, None for static; bias [N] int32: ModelSlim quant_bias.
         """
-        acc = x_q.to(torch.int32) @ w.to(torch.int32).T  # [M, N]
-        if bias is not None:
-            acc = acc + bias.to(torch.int32)
-        y = acc.float() * scale.float()
-        if pertoken_scale is not None:
-            y = y * pertoken_scale.float().unsqueeze(-1)
-        return y.to(out_dtype)
+        return _int_matmul_scaled(x_q, w, scale, pertoken_scale, bias).to(out_dtype)
 
     def weight_quant_matmul(
         self,
@@ -93,6 +90,49 @@ class QuantOps:
         deq = (wf - o if o is not None else wf) * s  # [N, K]
         return (x.float() @ deq.T).to(x.dtype)
 
+    def grouped_quant_matmul(
+        self,
+        x_q: torch.Tensor,
+        w: torch.Tensor,
+        scale: torch.Tensor,
+        group_counts: torch.Tensor,
+        pertoken_scale: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        out_dtype: torch.dtype = torch.bfloat16,
+    ) -> torch.Tensor:
+        """quant_matmul per expert: rows of group e of x_q [M, K] (sorted by group) times w[e] of w [E, N, K] int8,
+        scale [E, N], pertoken_scale [M], bias [E, N] int32 -> [M, N]; rows past sum(group_counts) are zeros."""
+        out = torch.zeros(x_q.shape[0], w.shape[1], dtype=torch.float32, device=x_q.device)  # [M, N]
+        start = 0
+        for e, count in enumerate(group_counts.tolist()):
+            rows = slice(start, start + count)
+            tok = None if pertoken_scale is None else pertoken_scale[rows]
+            out[rows] = _int_matmul_scaled(x_q[rows], w[e], scale[e], tok, None if bias is None else bias[e])
+            start += count
+        return out.to(out_dtype)
+
+    def grouped_weight_quant_matmul(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        scale: torch.Tensor,
+        group_counts: torch.Tensor,
+        offset: torch.Tensor | None = None,
+        group_size: int = 0,
+    ) -> torch.Tensor:
+        """weight_quant_matmul per expert: x [M, K] float sorted by group, w [E, N, K] int8 (int4 values in int8
+        too), scale/offset [E, N] per channel or [E, N, ceil(K/g)] per group -> [M, N] in x.dtype. The experts
+        are dequantized into x.dtype, then one grouped matmul of this table."""
+        K = w.shape[-1]
+        s, o = scale.float(), None if offset is None else offset.float()
+        if group_size:
+            s = s.repeat_interleave(group_size, dim=-1)[..., :K]  # [E, N, K]
+            o = None if o is None else o.repeat_interleave(group_size, dim=-1)[..., :K]
+        else:
+            s, o = s.reshape(*s.shape[:2], 1), None if o is None else o.reshape(*o.shape[:2], 1)
+        deq = (w.float() - o if o is not None else w.float()) * s  # [E, N, K]
+        return self.grouped_matmul(x, deq.to(x.dtype), group_counts)
+
     def mx_quant_matmul(self, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
         """W8A8_MXFP8: x [M, K] float quantized per 32-block along K (e = floor(log2 amax) - 8, x_q = fp8(x / 2^e));
         w float8_e4m3fn and w_scale (E8M0 uint8 [N, ceil(K/32)]) from prepare_weight / prepare_mx_scale.
@@ -101,6 +141,22 @@ class QuantOps:
         xd = mx_dequantize(x_q, x_exp)
         wd = mx_dequantize(w, w_scale.to(torch.int32) - 127)
         return (xd @ wd.T).to(x.dtype)
+
+
+def _int_matmul_scaled(
+    x_q: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    pertoken_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """(x_q [M, K] @ w [N, K]^T + bias [N]) * scale [N] * pertoken_scale [M] -> float32 [M, N]. The integer sums
+    are accumulated in float64, exact (|sum| < 2^53) where int32 matmul has no kernel (CUDA)."""
+    acc = x_q.double() @ w.double().T  # [M, N], integer-valued
+    if bias is not None:
+        acc = acc + bias.double()
+    y = acc.float() * scale.float()
+    return y if pertoken_scale is None else y * pertoken_scale.float().unsqueeze(-1)
 
 
 def mx_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

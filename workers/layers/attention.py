@@ -42,11 +42,12 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         T, D = x.shape[0], self.head_dim
-        q, k, v = self.qkv(x).split([self.num_heads * D, self.num_kv_heads * D, self.num_kv_heads * D], dim=-1)
+        sizes = [self.num_heads * D, self.num_kv_heads * D, self.num_kv_heads * D]
+        q, k, v = self.qkv(x, meta.is_prefill).split(sizes, dim=-1)
         q, k, v = q.view(T, -1, D), k.view(T, -1, D), v.view(T, -1, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.rotary(q, k, *cos_sin)
         self.ops.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = self.ops.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
-        return self.o_proj(out.reshape(T, self.num_heads * D))
+        return self.o_proj(out.reshape(T, self.num_heads * D), meta.is_prefill)

@@ -17,7 +17,7 @@ class VocabParallelEmbedding(nn.Module):
         self.per_rank = -(-vocab // tp.size)  # the last rank may hold fewer real rows (zero-padded)
         self.start = tp.rank * self.per_rank
         self.end = min(self.start + self.per_rank, vocab)
-        self.weight: torch.Tensor | None = None
+        self.register_buffer("weight", None, persistent=False)  # [V/tp, hidden], a buffer so .to() moves it
 
     def load(self, source: CheckpointSource) -> None:
         rows = source.read(self.name, dim=0, start=self.start, length=self.end - self.start)
@@ -40,10 +40,18 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits on rank 0: each rank computes its vocab slice, gathered and trimmed to the real vocab."""
 
+    def __init__(self, name: str, vocab: int, hidden: int, tp: TPGroup, dtype: torch.dtype):
+        super().__init__(name, vocab, hidden, tp, dtype)
+        self.tied: VocabParallelEmbedding | None = None
+
     def tie(self, embedding: VocabParallelEmbedding) -> None:
-        self.weight = embedding.weight
+        """Read the embedding's weight. Held as a submodule, not as a second buffer: `.to()` copies each
+        module's buffers, so a shared buffer would arrive on the device twice (and no longer tied)."""
+        self.weight = None
+        self.tied = embedding
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        local = F.linear(hidden, self.weight).float()  # [S, V/tp]
+        weight = self.weight if self.tied is None else self.tied.weight
+        local = F.linear(hidden, weight).float()  # [S, V/tp]
         full = self.tp.gather_last_dim(local)
         return None if full is None else full[:, : self.vocab]

@@ -13,7 +13,7 @@ class RMSNorm(nn.Module):
     def __init__(self, name: str, size: int, eps: float, ops: TorchOps, dtype: torch.dtype):
         super().__init__()
         self.name, self.size, self.eps, self.ops, self.dtype = name, size, eps, ops, dtype
-        self.weight: torch.Tensor | None = None
+        self.register_buffer("weight", None, persistent=False)  # [size], a buffer so .to() moves it
 
     def load(self, source: CheckpointSource) -> None:
         self.weight = source.read(self.name, expect_shape=(self.size,)).to(self.dtype)

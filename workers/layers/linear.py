@@ -12,38 +12,26 @@ from shardserve.workers.quant.base import LinearMethod, LinearSpec, Parallel, Qu
 
 
 class LinearBase(nn.Module):
-    """A linear layer whose weights come from its quant method; biases stay in float.
+    """A linear layer whose tensors (bias included) are its quant method's: the method declares, loads and applies
+    them, so that a format decides how a bias is stored (ModelSlim W8A8 folds it into `quant_bias`).
 
     `ops`, the device's op table, is the layer's so that its method can reach the device's kernels.
     """
 
-    def __init__(self, spec: LinearSpec, quant: QuantConfig, tp: TPGroup, ops: TorchOps, bias: bool):
+    def __init__(self, spec: LinearSpec, quant: QuantConfig, tp: TPGroup, ops: TorchOps):
         super().__init__()
         self.spec = spec
         self.tp, self.ops = tp, ops
-        self.method: LinearMethod = quant.linear_method(spec.prefix)
-        self.has_bias = bias
-        self.bias: torch.Tensor | None = None
+        self.method: LinearMethod = quant.linear_method(spec)
+        self.register_buffer("bias", None, persistent=False)  # [N_local] once loaded; a buffer so .to() moves it
 
     def load(self, source: CheckpointSource) -> None:
         self.method.load(self, self.spec, source)
         self.method.after_load(self, self.spec)
-        if self.has_bias:
-            parts = []
-            for sub, shard in zip(self.spec.sub_prefixes, self.spec.output_shards):
-                if self.spec.parallel == "column":
-                    parts.append(source.read(f"{sub}.bias", dim=0, start=shard.start, length=shard.length))
-                else:
-                    parts.append(source.read(f"{sub}.bias"))
-            self.bias = torch.cat(parts).to(self.spec.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.method.apply(self, x)
-        if self.spec.parallel == "row":
-            y = self.tp.all_reduce(y)
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+    def forward(self, x: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+        y = self.method.apply(self, x, is_prefill)  # a row-parallel bias is on rank 0 only: reduced once
+        return self.tp.all_reduce(y) if self.spec.parallel == "row" else y
 
 
 def _spec(
@@ -55,8 +43,11 @@ def _spec(
     k_shard: Shard,
     parallel: Parallel,
     dtype: torch.dtype,
+    tp: TPGroup,
+    bias: bool,
 ) -> LinearSpec:
-    return LinearSpec(prefix, tuple(subs), tuple(sizes), tuple(shards), k, k_shard, parallel, dtype)
+    """`bias`: the model config says the layer has one (a hint: the method loads a bias the checkpoint holds)."""
+    return LinearSpec(prefix, tuple(subs), tuple(sizes), tuple(shards), k, k_shard, parallel, dtype, tp.rank, tp.size, bias)
 
 
 def column_parallel(
@@ -65,21 +56,21 @@ def column_parallel(
 ) -> LinearBase:
     """N split evenly per sub-matrix (merged gate/up when len(subs) > 1)."""
     shards = [Shard(tp.rank * divide(n, tp.size, f"{s}.out"), n // tp.size) for s, n in zip(subs, sizes)]
-    return LinearBase(_spec(prefix, subs, sizes, shards, k, Shard(0, k), "column", dtype), quant, tp, ops, bias)
+    return LinearBase(_spec(prefix, subs, sizes, shards, k, Shard(0, k), "column", dtype, tp, bias), quant, tp, ops)
 
 
 def row_parallel(
     prefix: str, k: int, n: int, quant: QuantConfig, tp: TPGroup, ops: TorchOps, dtype, bias=False
 ) -> LinearBase:
-    """K split evenly; partial sums all-reduced."""
+    """K split evenly; partial sums all-reduced (a bias is held by rank 0 only, so it is added once)."""
     kl = divide(k, tp.size, f"{prefix}.in")
-    spec = _spec(prefix, [prefix], [n], [Shard(0, n)], k, Shard(tp.rank * kl, kl), "row", dtype)
-    return LinearBase(spec, quant, tp, ops, bias)
+    spec = _spec(prefix, [prefix], [n], [Shard(0, n)], k, Shard(tp.rank * kl, kl), "row", dtype, tp, bias)
+    return LinearBase(spec, quant, tp, ops)
 
 
 def replicated(prefix: str, k: int, n: int, quant: QuantConfig, ops: TorchOps, dtype, bias=False) -> LinearBase:
-    spec = _spec(prefix, [prefix], [n], [Shard(0, n)], k, Shard(0, k), "replicated", dtype)
-    return LinearBase(spec, quant, TPGroup(), ops, bias)
+    spec = _spec(prefix, [prefix], [n], [Shard(0, n)], k, Shard(0, k), "replicated", dtype, TPGroup(), bias)
+    return LinearBase(spec, quant, TPGroup(), ops)
 
 
 def qkv_parallel(
@@ -106,5 +97,5 @@ def qkv_parallel(
     sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
     kv = Shard(kv_first * head_dim, hkv * head_dim)
     shards = [Shard(tp.rank * hq * head_dim, hq * head_dim), kv, kv]
-    spec = _spec(prefix, subs, sizes, shards, hidden, Shard(0, hidden), "column", dtype)
-    return LinearBase(spec, quant, tp, ops, bias)
+    spec = _spec(prefix, subs, sizes, shards, hidden, Shard(0, hidden), "column", dtype, tp, bias)
+    return LinearBase(spec, quant, tp, ops)

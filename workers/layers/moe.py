@@ -35,14 +35,15 @@ class GroupedExperts(nn.Module):
     def __init__(self, spec: MoESpec, quant: QuantConfig, ops: TorchOps):
         super().__init__()
         self.spec, self.ops = spec, ops
-        self.method: MoEMethod = quant.moe_method(spec.prefix, spec.which)
+        self.method: MoEMethod = quant.moe_method(spec)
+        self.register_buffer("bias", None, persistent=False)  # [E_local, N_local] when the checkpoint has one
 
     def load(self, source: CheckpointSource) -> None:
         self.method.load(self, self.spec, source)
         self.method.after_load(self, self.spec)
 
-    def forward(self, x: torch.Tensor, group_counts: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x, group_counts, self.ops)  # [M, K_local] -> [M, N_local]
+    def forward(self, x: torch.Tensor, group_counts: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+        return self.method.apply(self, x, group_counts, self.ops, is_prefill)  # [M, K_local] -> [M, N_local]
 
 
 class SharedExpert(nn.Module):
@@ -65,10 +66,10 @@ class SharedExpert(nn.Module):
         for m in (self.gate_up, self.down, self.gate):
             m.load(source)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.ops.swiglu(self.gate_up(x))  # [T, I_shared_local]
-        partial = _partial(self.down, h)  # [T, H], summed over ranks by the block's all-reduce
-        return torch.sigmoid(self.gate(x).view(-1, 1)) * partial  # the gate may be stored [1, H] or [H]
+    def forward(self, x: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+        h = self.ops.swiglu(self.gate_up(x, is_prefill))  # [T, I_shared_local]
+        partial = _partial(self.down, h, is_prefill)  # [T, H], summed over ranks by the block's all-reduce
+        return torch.sigmoid(self.gate(x, is_prefill)) * partial  # [T, 1] * [T, H]
 
 
 class SparseMoeBlock(nn.Module):
@@ -88,7 +89,9 @@ class SparseMoeBlock(nn.Module):
             experts, rows = Shard(0, E), Shard(tp.rank * n, n)
         self.experts = experts
         self.w13, self.w2 = (
-            GroupedExperts(MoESpec(f"{prefix}.experts", which, E, experts, H, inter, rows, dtype), quant, ops)
+            GroupedExperts(
+                MoESpec(f"{prefix}.experts", which, E, experts, H, inter, rows, dtype, tp.rank, tp.size), quant, ops
+            )
             for which in ("w13", "w2")
         )
         shared = cfg.shared_expert_intermediate_size
@@ -99,17 +102,17 @@ class SparseMoeBlock(nn.Module):
             if m is not None:
                 m.load(source)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, is_prefill: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> top-k weights [T, k] (x's dtype) and expert ids [T, k]; softmax in fp32 as HF does."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)  # [T, E]
+        probs = torch.softmax(self.gate(x, is_prefill).float(), dim=-1)  # [T, E]
         weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), ids
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> [T, H]."""
-        weights, ids = self.route(x)  # [T, k]
+    def forward(self, x: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+        """x [T, H] -> [T, H]; `is_prefill`: some sequence of the step feeds more than one token."""
+        weights, ids = self.route(x, is_prefill)  # [T, k]
         local = self.experts
         groups = local.length
         if local.length < self.num_experts:  # expert parallel: other ranks' experts go to a last, idle group
@@ -118,16 +121,17 @@ class SparseMoeBlock(nn.Module):
             groups += 1
         xs, row_idx, counts = self.ops.moe_init_routing(x, ids, groups)  # [T*k, H], [T*k], [groups]
         counts = counts[: local.length]  # [E_local]
-        h = self.ops.swiglu(self.w13(xs, counts))  # [T*k, 2 * I_local] -> [T*k, I_local]
-        y = self.w2(h, counts)  # [T*k, H]
+        h = self.ops.swiglu(self.w13(xs, counts, is_prefill))  # [T*k, 2 * I_local] -> [T*k, I_local]
+        y = self.w2(h, counts, is_prefill)  # [T*k, H]
         if groups > local.length:  # rows of the unused group are not this rank's: they contribute zero
             valid = torch.arange(y.shape[0], device=y.device) < counts.sum()  # [T*k]
             y = y.masked_fill(~valid.unsqueeze(-1), 0.0)
-        shared = self.shared(x) if self.shared is not None else None  # [T, H] partial
+        shared = self.shared(x, is_prefill) if self.shared is not None else None  # [T, H] partial
         out = self.ops.moe_finalize_routing(y, weights, row_idx, shared)  # [T, H] partial
         return self.tp.all_reduce(out)
 
 
-def _partial(linear: LinearBase, x: torch.Tensor) -> torch.Tensor:
-    """A row-parallel linear's un-reduced output: the MoE block reduces once for all its parts."""
-    return linear.method.apply(linear, x)
+def _partial(linear: LinearBase, x: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+    """A row-parallel linear's un-reduced output (its bias on rank 0 only): the MoE block reduces once for all
+    its parts."""
+    return linear.method.apply(linear, x, is_prefill)

@@ -48,8 +48,8 @@ class RotaryEmbedding(nn.Module):
             inv = inv / freq_factors.double()
         t = torch.arange(max_position, dtype=torch.float64)
         freqs = torch.outer(t, inv)  # [P, R/2]
-        self.cos = freqs.cos().float()
-        self.sin = freqs.sin().float()
+        self.register_buffer("cos", freqs.cos().float(), persistent=False)  # buffers: .to() moves them
+        self.register_buffer("sin", freqs.sin().float(), persistent=False)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions], self.sin[positions]  # [T, R/2] each

@@ -30,9 +30,9 @@ class MLP(nn.Module):
         self.gate_up.load(source)
         self.down.load(source)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(torch.nn.functional.silu(gate) * up)
+    def forward(self, x: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+        gate, up = self.gate_up(x, is_prefill).chunk(2, dim=-1)
+        return self.down(torch.nn.functional.silu(gate) * up, is_prefill)
 
 
 class DecoderLayer(nn.Module):
@@ -61,7 +61,7 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, cos_sin, kv_cache, meta)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.mlp(x, meta.is_prefill), residual
 
 
 class DecoderModel(nn.Module):

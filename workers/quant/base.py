@@ -1,156 +1,82 @@
-"""The quantization contract: a format registry, per-layer methods, tensor declarations and sharded loading."""
+"""The quantization contract: a format registry, per-layer methods and the one generic sharded loader.
+
+The declarations (LinearSpec, TensorSpec, MoESpec, Shard) live in spec.py and are re-exported here. Methods are
+stateless: whatever a method decides per layer at load (a packed layout, a kernel choice) is kept on the layer,
+so that a format may hand one method instance to every layer.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from shardserve.workers.loader.source import CheckpointError, CheckpointSource
+from shardserve.workers.quant.spec import (
+    Dim,
+    LinearSpec,
+    Merge,
+    MoESpec,
+    MoEWhich,
+    Parallel,
+    Shard,
+    TensorSpec,
+)
 
 if TYPE_CHECKING:
     from shardserve.workers.device.base import TorchOps
 
-Parallel = Literal["column", "row", "replicated"]
-MoEWhich = Literal["w13", "w2"]
+__all__ = [
+    "Dim", "LinearMethod", "LinearSpec", "Merge", "MoEMethod", "MoESpec", "MoEWhich", "Parallel", "QuantConfig",
+    "Shard", "TensorSpec", "bias_spec", "read_tensor", "register", "registered",
+]
 
 
-@dataclass(frozen=True)
-class Shard:
-    """One sub-matrix's rank slice: [start, start+length) of its output (column) or input (row) dim."""
-
-    start: int
-    length: int
-
-
-@dataclass(frozen=True)
-class LinearSpec:
-    """What a linear layer tells its quant method. W is [N out, K in]; y = x @ W.T.
-
-    A merged layer (qkv, gate/up) is several checkpoint sub-matrices stacked along N, each with its own
-    rank slice; `input_shard` is the rank's slice of K (row-parallel) or the whole K.
-    """
-
-    prefix: str  # the layer's own name, e.g. model.layers.0.self_attn.qkv_proj
-    sub_prefixes: tuple[str, ...]  # checkpoint modules stacked along N, e.g. (...q_proj, ...k_proj, ...v_proj)
-    output_sizes: tuple[int, ...]  # full N of each sub-matrix
-    output_shards: tuple[Shard, ...]  # this rank's slice of each sub-matrix's N
-    input_size: int  # full K
-    input_shard: Shard  # this rank's slice of K
-    parallel: Parallel
-    dtype: torch.dtype
-
-    @property
-    def local_out(self) -> int:
-        return sum(s.length for s in self.output_shards)
-
-    @property
-    def local_in(self) -> int:
-        return self.input_shard.length
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A checkpoint tensor of a quantized linear, declared once so one loader shards every format.
-
-    `out_axis`/`in_axis` are the tensor's axes that run along N and K (None: not split that way);
-    `out_pack`/`in_pack` divide the slice when values are packed (int4 in int32: 8) or grouped (scales: G).
-    """
-
-    name: str  # suffix after the module prefix: weight, qweight, scales, weight_scale, ...
-    out_axis: int | None = 0
-    in_axis: int | None = 1
-    out_pack: int = 1
-    in_pack: int = 1
-    dtype: torch.dtype | None = None  # cast on load; None keeps the stored dtype
-    optional: bool = False
+def bias_spec(spec: LinearSpec) -> TensorSpec:
+    """A linear's float bias, owned by its method: split with N (column-parallel), held by rank 0 only
+    (row-parallel, so that the all-reduce adds it once), whole (replicated). Required when the model config says
+    the layer has one, loaded whenever the checkpoint has one."""
+    return TensorSpec("bias", ("N",), dtype=spec.dtype, optional=not spec.bias, rank0_only=True)
 
 
 class LinearMethod(ABC):
     """How one linear layer's weights are declared, loaded, transformed and applied."""
 
     def tensors(self, spec: LinearSpec) -> list[TensorSpec]:
-        return [TensorSpec("weight", dtype=spec.dtype)]
+        return [TensorSpec("weight", dtype=spec.dtype), bias_spec(spec)]
 
     def load(self, layer: nn.Module, spec: LinearSpec, source: CheckpointSource) -> None:
-        """Read this rank's slice of each declared tensor; sub-matrices are concatenated along N."""
+        """Read this rank's slice of each declared tensor into a buffer of the layer named like the tensor."""
         for t in self.tensors(spec):
-            parts = [self.load_part(source, spec, t, sub, shard) for sub, shard in zip(spec.sub_prefixes, spec.output_shards)]
-            parts = [p for p in parts if p is not None]
-            if not parts:
-                continue
-            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=t.out_axis or 0)
-            layer.register_buffer(t.name, value, persistent=False)
+            self.load_tensor(layer, spec, source, t)
 
-    def load_part(
-        self, source: CheckpointSource, spec: LinearSpec, t: TensorSpec, sub: str, shard: Shard
-    ) -> torch.Tensor | None:
-        name = f"{sub}.{t.name}"
-        if not source.has(name):
-            if t.optional:
-                return None
-            raise CheckpointError(source.path, name, f"missing (needed by {type(self).__name__} of {spec.prefix})")
-        dim, start, length = None, 0, None
-        if t.out_axis is not None and spec.parallel == "column":
-            dim, start, length = t.out_axis, shard.start // t.out_pack, shard.length // t.out_pack
-        elif t.in_axis is not None and spec.parallel == "row":
-            s = spec.input_shard
-            dim, start, length = t.in_axis, s.start // t.in_pack, -(-s.length // t.in_pack)
-        value = source.read(name, dim=dim, start=start, length=length).contiguous()
-        return value.to(t.dtype) if t.dtype is not None else value
+    def load_tensor(self, layer: nn.Module, spec: LinearSpec, source: CheckpointSource, t: TensorSpec) -> None:
+        """One declared tensor; a format overrides this where a tensor's layout is irregular (GGUF blocks)."""
+        value = read_tensor(source, spec, t, type(self).__name__)
+        if value is not None:
+            layer.register_buffer(t.name, value, persistent=False)
 
     def after_load(self, layer: nn.Module, spec: LinearSpec) -> None:
         """Once, after load: repack into the kernel's layout, drop checkpoint-only tensors."""
 
     @abstractmethod
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """x [T, K_local] -> [T, N_local], without bias; the device's kernels are `layer.ops`, its op table."""
+    def apply(self, layer: nn.Module, x: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+        """x [T, K_local] -> [T, N_local], bias included (where this rank holds it); the device's kernels are
+        `layer.ops`, its op table. `is_prefill`: some sequence of the step feeds more than one token."""
 
     @abstractmethod
     def reference_weight(self, layer: nn.Module) -> torch.Tensor:
-        """The plain dequantized weight [N_local, K_local]: the test oracle."""
+        """The plain dequantized weight [N_local, K_local]."""
 
-
-@dataclass(frozen=True)
-class MoESpec:
-    """What an MoE layer tells its quant method about one stacked expert weight (w13 or w2).
-
-    w13 is gate and up stacked along N, per expert [2 * I_local, H] (column-parallel over I); w2 is down,
-    per expert [H, I_local] (row-parallel over I). Under expert parallelism a rank holds the experts in
-    `expert_shard` whole (`intermediate_shard` is all of I); under TP it holds every expert's I slice.
-    """
-
-    prefix: str  # the experts module, e.g. model.layers.0.mlp.experts
-    which: MoEWhich
-    num_experts: int  # E, all experts of the layer
-    expert_shard: Shard  # this rank's experts
-    hidden_size: int  # H
-    intermediate_size: int  # I, per expert
-    intermediate_shard: Shard  # this rank's slice of I
-    dtype: torch.dtype
-
-    @property
-    def sub_names(self) -> tuple[str, ...]:
-        """Per-expert checkpoint modules stacked along N (HF names)."""
-        return ("gate_proj", "up_proj") if self.which == "w13" else ("down_proj",)
-
-    @property
-    def local_shape(self) -> tuple[int, int, int]:
-        """[E_local, N_local, K_local] of the stacked weight on this rank."""
-        e, i, h = self.expert_shard.length, self.intermediate_shard.length, self.hidden_size
-        return (e, 2 * i, h) if self.which == "w13" else (e, h, i)
-
-    def expert_linear(self, e: int) -> LinearSpec:
-        """Expert `e`'s checkpoint modules seen as one linear layer (w13: gate and up merged)."""
-        subs = tuple(f"{self.prefix}.{e}.{n}" for n in self.sub_names)
-        h, inter, s = self.hidden_size, self.intermediate_size, self.intermediate_shard
-        if self.which == "w13":
-            name = f"{self.prefix}.{e}.gate_up_proj"
-            return LinearSpec(name, subs, (inter, inter), (s, s), h, Shard(0, h), "column", self.dtype)
-        return LinearSpec(subs[0], subs, (h,), (Shard(0, h),), inter, s, "row", self.dtype)
+    def reference(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The test oracle for apply: x [T, K_local] -> [T, N_local] in plain fp32 torch. A scheme whose output
+        depends on how activations are quantized (W8A8, W4A4, MX) overrides it to quantize x likewise."""
+        y = F.linear(x.float(), self.reference_weight(layer).float())  # [T, N]
+        return (y if layer.bias is None else y + layer.bias.float()).to(x.dtype)
 
 
 class MoEMethod(ABC):
@@ -168,36 +94,56 @@ class MoEMethod(ABC):
 
     def load(self, layer: nn.Module, spec: MoESpec, source: CheckpointSource) -> None:
         """Each declared tensor stacked over this rank's experts: [E_local, ...]."""
-        local = range(spec.expert_shard.start, spec.expert_shard.start + spec.expert_shard.length)
+        owner = type(self).__name__
         for t in self.tensors(spec):
-            experts = [self.load_expert(source, spec, t, e) for e in local]
-            if any(x is None for x in experts):
+            experts = [read_tensor(source, spec.expert_linear(e), t, owner) for e in spec.local_experts]
+            missing = [e for e, x in zip(spec.local_experts, experts) if x is None]
+            if len(missing) == len(experts):
                 continue  # an optional tensor absent from the checkpoint
+            if missing:
+                name = f"{spec.expert_linear(missing[0]).sub_prefixes[0]}.{t.name}"
+                message = f"missing for experts {missing} of {spec.prefix}, present for the others"
+                raise CheckpointError(source.path, name, message)
             layer.register_buffer(t.name, torch.stack(experts), persistent=False)
+        self._leave_to_other_ranks(spec, source)
 
-    def load_expert(
-        self, source: CheckpointSource, spec: MoESpec, t: TensorSpec, e: int
-    ) -> torch.Tensor | None:
-        """Expert `e`'s rank slice of tensor `t`; w13's gate and up concatenated along N."""
-        lspec = spec.expert_linear(e)
-        subs = zip(lspec.sub_prefixes, lspec.output_shards)
-        parts = [self.expert_method.load_part(source, lspec, t, sub, shard) for sub, shard in subs]
-        if any(p is None for p in parts):
-            return None
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=t.out_axis or 0)
+    def _leave_to_other_ranks(self, spec: MoESpec, source: CheckpointSource) -> None:
+        """Expert parallelism: the other ranks' experts are theirs to read, not tensors this rank left over."""
+        local = set(spec.local_experts)
+        for e in range(spec.num_experts):
+            if e in local:
+                continue
+            for t in self.tensors(spec):
+                names = (f"{sub}.{t.name}" for sub in spec.expert_linear(e).sub_prefixes)
+                source.consumed.update(n for n in names if source.has(n))
 
     def after_load(self, layer: nn.Module, spec: MoESpec) -> None:
         """Once, after load: repack into the kernel's layout, drop checkpoint-only tensors."""
 
     @abstractmethod
     def apply(
-        self, layer: nn.Module, x: torch.Tensor, group_counts: torch.Tensor, ops: TorchOps
+        self, layer: nn.Module, x: torch.Tensor, group_counts: torch.Tensor, ops: TorchOps, is_prefill: bool
     ) -> torch.Tensor:
-        """x [M, K_local] with rows sorted by local expert, group_counts [E_local] -> [M, N_local]."""
+        """x [M, K_local] with rows sorted by local expert, group_counts [E_local] -> [M, N_local], expert biases
+        included; rows past sum(group_counts) are unspecified."""
 
     @abstractmethod
     def reference_weight(self, layer: nn.Module) -> torch.Tensor:
-        """The plain dequantized stacked weight [E_local, N_local, K_local]: the test oracle."""
+        """The plain dequantized stacked weight [E_local, N_local, K_local]."""
+
+    def reference(self, layer: nn.Module, x: torch.Tensor, group_counts: torch.Tensor) -> torch.Tensor:
+        """The test oracle for apply, one expert at a time in fp32: [M, K_local] -> [M, N_local], zeros past the
+        grouped rows. Schemes that quantize activations override it, as LinearMethod.reference."""
+        w = self.reference_weight(layer).float()  # [E, N, K]
+        out = x.new_zeros(x.shape[0], w.shape[1], dtype=torch.float32)  # [M, N]
+        start = 0
+        for e, count in enumerate(group_counts.tolist()):
+            rows = slice(start, start + count)
+            out[rows] = x[rows].float() @ w[e].T
+            if layer.bias is not None:
+                out[rows] += layer.bias[e].float()
+            start += count
+        return out.to(x.dtype)
 
 
 class QuantConfig(ABC):
@@ -211,16 +157,42 @@ class QuantConfig(ABC):
         """Return a config if `model_path` is in this format, else None."""
 
     @abstractmethod
-    def linear_method(self, prefix: str) -> LinearMethod: ...
+    def linear_method(self, spec: LinearSpec) -> LinearMethod:
+        """The method for one linear layer. A fused layer (qkv_proj, gate_up_proj) is several checkpoint modules,
+        `spec.sub_prefixes`: a format that decides per checkpoint module asks `uniform_scheme`."""
 
-    def moe_method(self, prefix: str, which: MoEWhich) -> MoEMethod:
-        """The method for one stacked expert weight of the experts module `prefix` (mix-bits: w13 and w2
-        are asked for separately and may differ)."""
+    def moe_method(self, spec: MoESpec) -> MoEMethod:
+        """The method for one stacked expert weight (mix-bits: w13 and w2 are asked for separately and may
+        differ); `spec.modules` are its per-expert checkpoint modules."""
         with_moe = sorted(n for n, c in _REGISTRY.items() if c.moe_method is not QuantConfig.moe_method)
         raise ValueError(
-            f"quantization format {self.name!r} cannot load MoE expert weights ({prefix}, {which}); "
+            f"quantization format {self.name!r} cannot load MoE expert weights ({spec.prefix}, {spec.which}); "
             f"formats with MoE support: {with_moe}"
         )
+
+    def scheme_of(self, module: str) -> Hashable:
+        """The scheme this format gives one checkpoint module (ModelSlim: its description's label; GPTQModel:
+        after its `dynamic` rules). Only formats that decide per module answer; they then use uniform_scheme."""
+        raise NotImplementedError(f"quantization format {self.name!r} does not decide per checkpoint module")
+
+    def uniform_scheme(self, layer: str, modules: Sequence[str]) -> Hashable:
+        """The one scheme of every checkpoint module fused into `layer`; a ValueError naming each module's
+        scheme when they differ (one fused layer runs one kernel)."""
+        by_scheme: dict[Hashable, list[str]] = {}
+        for m in modules:
+            by_scheme.setdefault(self.scheme_of(m), []).append(m)
+        if len(by_scheme) == 1:
+            return next(iter(by_scheme))
+        listing = "; ".join(f"{_first(ms)}: {s}" for s, ms in by_scheme.items())
+        raise ValueError(
+            f"quantization format {self.name!r}: {layer} fuses checkpoint modules of different schemes ({listing}); "
+            f"a fused layer runs one scheme: quantize its modules alike"
+        )
+
+
+def _first(names: list[str], n: int = 4) -> str:
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
 
 
 _REGISTRY: dict[str, type[QuantConfig]] = {}
@@ -236,3 +208,94 @@ def register(cls: type[QuantConfig]) -> type[QuantConfig]:
 def registered() -> dict[str, type[QuantConfig]]:
     return dict(_REGISTRY)
 
+
+# ---- the generic loader: every sub-matrix's rank slice of one declared tensor, checked and merged ---------------
+def read_tensor(source: CheckpointSource, spec: LinearSpec, t: TensorSpec, owner: str) -> torch.Tensor | None:
+    """This rank's value of tensor `t` of layer `spec`, the sub-matrices merged by `t.merge`; None when an
+    optional tensor is absent from every sub-matrix. `owner` (the method's name) goes into errors."""
+    names = [f"{sub}.{t.name}" for sub in spec.sub_prefixes]
+    present = [source.has(n) for n in names]
+    if not any(present):
+        if t.optional:
+            return None
+        raise CheckpointError(source.path, names[0], f"missing (needed by {owner} of {spec.prefix})")
+    if not all(present):
+        have = [n for n, p in zip(names, present) if p]
+        lack = [n for n, p in zip(names, present) if not p]
+        raise CheckpointError(
+            source.file_of(have[0]), lack[0], f"missing, while {have} exist: the modules fused into {spec.prefix} must agree"
+        )
+    parts = [_read_part(source, spec, t, i, owner) for i in range(len(names))]
+    return _merge(source, spec, t, names, parts)
+
+
+def _read_part(source: CheckpointSource, spec: LinearSpec, t: TensorSpec, i: int, owner: str) -> torch.Tensor:
+    """Sub-matrix i's rank slice of `t`, its stored shape checked against the declaration."""
+    name, n = f"{spec.sub_prefixes[i]}.{t.name}", spec.output_sizes[i]
+    full, found = t.full_shape(n, spec.input_size), tuple(source.shape(name))
+    dim, start, length = _rank_slice(source, spec, t, name, i)
+    # a read whole may drop or add size-1 axes ([1, H] stored [H], as GGUF does): the same values
+    if found != full and (dim is not None or _squeeze(found) != _squeeze(full)):
+        raise CheckpointError(
+            source.file_of(name), name,
+            f"expected shape {full} for {spec.prefix} (N={n}, K={spec.input_size}, as {owner} declares "
+            f"{t.name} {t.dims}), found {found}; a padded or differently packed tensor is not this format's",
+        )
+    value = source.read(name, dim=dim, start=start, length=length)
+    if dim is None:
+        value = value.reshape(full)
+    if t.rank0_only and not spec.first_k_slice:
+        value = torch.zeros_like(value)  # another rank adds it; the all-reduce then counts it once
+    value = value.contiguous()
+    return value.to(t.dtype) if t.dtype is not None else value
+
+
+def _rank_slice(
+    source: CheckpointSource, spec: LinearSpec, t: TensorSpec, name: str, i: int
+) -> tuple[int | None, int, int | None]:
+    """(axis, start, length) in stored elements of this rank's slice, or (None, 0, None) to read it whole."""
+    if spec.parallel == "column" and t.out_axis is not None:
+        shard = spec.output_shards[i]
+        return t.out_axis, *_whole_packs(source, spec, t, name, "N", spec.output_sizes[i], shard, t.out_pack)
+    if spec.parallel == "row" and t.in_axis is not None:
+        return t.in_axis, *_whole_packs(source, spec, t, name, "K", spec.input_size, spec.input_shard, t.in_pack)
+    return None, 0, None
+
+
+def _whole_packs(
+    source: CheckpointSource, spec: LinearSpec, t: TensorSpec, name: str, axis: Dim, full: int, s: Shard, pack: int
+) -> tuple[int, int]:
+    """A rank slice in packs/groups of `pack` values: it must start and end on a boundary (or at the end)."""
+    end = s.start + s.length
+    if s.start % pack or (end % pack and end != full):
+        valid = [1] + [tp for tp in range(2, 65) if full % tp == 0 and (full // tp) % pack == 0]
+        raise CheckpointError(
+            source.file_of(name), name,
+            f"this rank's slice [{s.start}, {end}) of {axis}={full} of {spec.prefix} (tp_size {spec.tp_size}) "
+            f"cuts {t.name}'s groups of {pack} {axis} values; tp sizes that keep whole groups: {valid}",
+        )
+    return s.start // pack, -(-end // pack) - s.start // pack
+
+
+def _merge(
+    source: CheckpointSource, spec: LinearSpec, t: TensorSpec, names: list[str], parts: list[torch.Tensor]
+) -> torch.Tensor:
+    if len(parts) == 1:
+        return parts[0]
+    if t.merge == "cat":
+        return torch.cat(parts, dim=t.out_axis)
+    if t.merge == "max":
+        return torch.stack(parts).amax(dim=0)
+    for name, part in zip(names[1:], parts[1:]):
+        if not torch.equal(part, parts[0]):
+            shown = f": {parts[0].flatten()[:4].tolist()} vs {part.flatten()[:4].tolist()}"
+            raise CheckpointError(
+                source.file_of(name), name,
+                f"differs from {names[0]}{shown}; {spec.prefix} fuses {names} and keeps one {t.name}, which must be "
+                f"equal in each",
+            )
+    return parts[0]
+
+
+def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)

@@ -21,9 +21,9 @@ from shardserve.workers.quant.base import (
     LinearSpec,
     MoEMethod,
     MoESpec,
-    MoEWhich,
     QuantConfig,
     Shard,
+    TensorSpec,
     register,
 )
 from shardserve.workers.quant.unquantized import UnquantizedLinearMethod, UnquantizedMoEMethod
@@ -34,15 +34,17 @@ Q4_GROUP = 32  # QK4_0 == QK4_1 (ggml-common.h): values per block, one scale (an
 
 class GGUFLinearMethod(UnquantizedLinearMethod):
     """Q4_0 / Q4_1 layers on a device with an int4 kernel: q [N, K] and scales_zeros [K/32, N, 2] packed by the
-    layer's op table, applied by its int4_group_matmul. Otherwise the dequantized float weight (the parent's)."""
-
-    def __init__(self) -> None:
-        self.int4 = False  # chosen per layer at load, from its sub-matrices' types and the op table
+    layer's op table, applied by its int4_group_matmul. Otherwise the dequantized float weight (the parent's).
+    Which of the two a layer took is the layer's `int4`, chosen at load from its sub-matrices' types and the op
+    table: the method itself holds no per-layer state."""
 
     def load(self, layer: nn.Module, spec: LinearSpec, source: CheckpointSource) -> None:
-        self.int4 = layer.ops.int4_kernel and isinstance(source, GGUFSource) and _all_q4(spec, source)
-        if not self.int4:
-            return super().load(layer, spec, source)
+        layer.int4 = bool(layer.ops.int4_kernel and isinstance(source, GGUFSource) and _all_q4(spec, source))
+        super().load(layer, spec, source)
+
+    def load_tensor(self, layer: nn.Module, spec: LinearSpec, source: CheckpointSource, t: TensorSpec) -> None:
+        if t.name != "weight" or not layer.int4:
+            return super().load_tensor(layer, spec, source, t)
         parts = [
             decode_q4(source.qtype(f"{sub}.weight"), _read_blocks(source, spec, sub, n, shard))
             for sub, n, shard in zip(spec.sub_prefixes, spec.output_sizes, spec.output_shards)
@@ -53,21 +55,22 @@ class GGUFLinearMethod(UnquantizedLinearMethod):
         layer.register_buffer("scales_zeros", torch.from_numpy(scales_zeros), persistent=False)
 
     def after_load(self, layer: nn.Module, spec: LinearSpec) -> None:
-        if not self.int4 or not hasattr(layer, "q"):
+        if not layer.int4 or not hasattr(layer, "q"):
             return  # a float layer, or already packed
         packed, layer.scales_zeros = layer.ops.pack_int4(layer.q, layer.scales_zeros)
         layer.register_buffer("qweight", packed, persistent=False)
         del layer.q  # the decoded values are checkpoint-only
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not self.int4:
-            return super().apply(layer, x)
-        return layer.ops.int4_group_matmul(x, layer.qweight, Q4_GROUP, layer.scales_zeros)  # [T, K] -> [T, N]
+    def apply(self, layer: nn.Module, x: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+        if not layer.int4:
+            return super().apply(layer, x, is_prefill)
+        y = layer.ops.int4_group_matmul(x, layer.qweight, Q4_GROUP, layer.scales_zeros)  # [T, K] -> [T, N]
+        return y if layer.bias is None else y + layer.bias
 
     def reference_weight(self, layer: nn.Module) -> torch.Tensor:
         """Dequantized from what the layer holds: equal to gguf-py's dequantize up to the rounding of d and
         m + 8d into the op table's scale dtype."""
-        if not self.int4:
+        if not layer.int4:
             return super().reference_weight(layer)
         q = layer.ops.unpack_int4(layer.qweight, layer.scales_zeros, Q4_GROUP)  # [N_local, K_local]
         return int4_dequantize(q, layer.scales_zeros, Q4_GROUP)
@@ -172,13 +175,15 @@ def _check_block_split(source: CheckpointSource, spec: MoESpec, name: str) -> No
 @register
 class GGUF(QuantConfig):
     name = "gguf"
+    _linear = GGUFLinearMethod()  # stateless: one instance serves every layer
+    _moe = GGUFMoEMethod()
 
     @classmethod
     def detect(cls, model_path: str) -> GGUF | None:
         return cls() if find_gguf_file(model_path) else None
 
-    def linear_method(self, prefix: str) -> LinearMethod:
-        return GGUFLinearMethod()
+    def linear_method(self, spec: LinearSpec) -> LinearMethod:
+        return self._linear
 
-    def moe_method(self, prefix: str, which: MoEWhich) -> MoEMethod:
-        return GGUFMoEMethod()
+    def moe_method(self, spec: MoESpec) -> MoEMethod:
+        return self._moe

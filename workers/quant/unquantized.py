@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from shardserve.workers.quant.base import LinearMethod, MoEMethod, MoESpec, MoEWhich, QuantConfig, register
+from shardserve.workers.quant.base import LinearMethod, LinearSpec, MoEMethod, MoESpec, QuantConfig, register
 
 if TYPE_CHECKING:
     from shardserve.workers.device.base import TorchOps
 
 
 class UnquantizedLinearMethod(LinearMethod):
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, layer.weight)  # [T, K] @ [N, K].T
+    def apply(self, layer: nn.Module, x: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+        return torch.nn.functional.linear(x, layer.weight, layer.bias)  # [T, K] @ [N, K].T + [N]
 
     def reference_weight(self, layer: nn.Module) -> torch.Tensor:
         return layer.weight
@@ -31,24 +31,34 @@ class UnquantizedMoEMethod(MoEMethod):
         layer.weight = layer.weight.transpose(1, 2).contiguous().transpose(1, 2)  # [E_local, N, K]
 
     def apply(
-        self, layer: nn.Module, x: torch.Tensor, group_counts: torch.Tensor, ops: TorchOps
+        self, layer: nn.Module, x: torch.Tensor, group_counts: torch.Tensor, ops: TorchOps, is_prefill: bool
     ) -> torch.Tensor:
-        return ops.grouped_matmul(x, layer.weight, group_counts)  # [M, K] x [E, N, K] -> [M, N]
+        y = ops.grouped_matmul(x, layer.weight, group_counts)  # [M, K] x [E, N, K] -> [M, N]
+        return y if layer.bias is None else y + expert_rows(layer.bias, group_counts, y.shape[0])
 
     def reference_weight(self, layer: nn.Module) -> torch.Tensor:
         return layer.weight
 
 
+def expert_rows(per_expert: torch.Tensor, group_counts: torch.Tensor, rows: int) -> torch.Tensor:
+    """per_expert [E, N] repeated for each row of its group -> [rows, N]; zeros past the grouped rows."""
+    group = torch.repeat_interleave(torch.arange(len(group_counts), device=per_expert.device), group_counts)  # [sum]
+    out = per_expert.index_select(0, group)  # [sum(group_counts), N]
+    return torch.nn.functional.pad(out, (0, 0, 0, rows - out.shape[0]))
+
+
 @register
 class Unquantized(QuantConfig):
     name = "unquantized"
+    _linear = UnquantizedLinearMethod()  # methods are stateless: one instance serves every layer
+    _moe = UnquantizedMoEMethod()
 
     @classmethod
     def detect(cls, model_path: str) -> Unquantized | None:
         return cls()
 
-    def linear_method(self, prefix: str) -> LinearMethod:
-        return UnquantizedLinearMethod()
+    def linear_method(self, spec: LinearSpec) -> LinearMethod:
+        return self._linear
 
-    def moe_method(self, prefix: str, which: MoEWhich) -> MoEMethod:
-        return UnquantizedMoEMethod()
+    def moe_method(self, spec: MoESpec) -> MoEMethod:
+        return self._moe

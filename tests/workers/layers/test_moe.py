@@ -137,7 +137,7 @@ def test_block_matches_hf(name: str, size: int, ep: bool):
     blocks = rank_blocks(fixtures().safetensors_model(name), 0, size, ep)
     with torch.no_grad():
         ref = hf.model.layers[0].mlp(x.unsqueeze(0))[0]
-        ours = sum(b(x) for b in blocks)
+        ours = sum(b(x, True) for b in blocks)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     E, inter = hf.config.num_experts, hf.config.moe_intermediate_size
     e_local, i_local = (E // size, inter) if ep else (E, inter // size)
@@ -156,7 +156,7 @@ def test_block_bf16_matches_hf_bf16():
     block = SparseMoeBlock("model.layers.0.mlp", cfg, detect(path), TPGroup(), OPS, torch.bfloat16)
     block.load(source)
     with torch.no_grad():
-        ours, ref = block(x), hf.model.layers[0].mlp(x.unsqueeze(0))[0]
+        ours, ref = block(x, True), hf.model.layers[0].mlp(x.unsqueeze(0))[0]
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours.float(), ref.float(), atol=2e-3, rtol=2e-2)
 
@@ -171,7 +171,7 @@ def test_gguf_block_splits_match_hf(gguf_type: str, size: int, ep: bool):
     blocks = rank_blocks(fixtures().gguf_model("qwen2_moe", gguf_type), 1, size, ep)
     with torch.no_grad():
         ref = hf.model.layers[1].mlp(x.unsqueeze(0))[0]
-        ours = sum(b(x) for b in blocks)
+        ours = sum(b(x, True) for b in blocks)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -72,7 +72,7 @@ def test_smollm2_cpu_int4_kernel_close_to_hf(smollm2_path, smollm2_hf):
     where HF's two best logits are within 0.07 of each other)."""
     ids, ref = smollm2_hf
     worker = _worker(smollm2_path, cpu_int4_kernel=True)
-    assert all(layer.mlp.down.method.int4 for layer in worker.model.layers)
+    assert all(layer.mlp.down.int4 for layer in worker.model.layers)
     top1, kl = _compare(torch.cat([worker.score(i) for i in ids]), ref)
     assert top1 >= 0.97, top1
     assert kl <= 1e-3, kl

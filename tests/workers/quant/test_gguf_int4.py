@@ -22,7 +22,7 @@ from shardserve.workers.device.cpu import CpuOps
 from shardserve.workers.distributed import TPGroup
 from shardserve.workers.layers.linear import LinearBase, column_parallel, qkv_parallel, row_parallel
 from shardserve.workers.loader.gguf_source import GGUFSource
-from shardserve.workers.quant.gguf import GGUF, Q4_GROUP, decode_q4
+from shardserve.workers.quant.gguf import GGUF, Q4_GROUP, GGUFLinearMethod, decode_q4
 
 Q4_0, Q4_1, Q8_0 = GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
 BF16_U = 2.0**-8  # bf16's unit roundoff: 8 significant bits, rounding to nearest
@@ -149,7 +149,7 @@ def test_smollm2_layer0_tp3_slices(smollm2_path, rank, table):
     torch.manual_seed(rank)
     for name, layer in layers.items():
         layer.load(source)
-        assert layer.method.int4 and not hasattr(layer, "weight") and not hasattr(layer, "q"), name
+        assert layer.int4 and not hasattr(layer, "weight") and not hasattr(layer, "q"), name
         w = layer.method.reference_weight(layer)
         expected = _expected(source, layer)
         assert w.shape == expected.shape == (layer.spec.local_out, layer.spec.local_in), name
@@ -159,7 +159,7 @@ def test_smollm2_layer0_tp3_slices(smollm2_path, rank, table):
             assert ((w - expected).abs() <= _bf16_bound(source, layer)).all(), name
         x = torch.randn(4, layer.spec.local_in)
         y_ref = x @ w.T
-        assert torch.allclose(layer.method.apply(layer, x), y_ref, rtol=2e-2, atol=2e-2 * y_ref.abs().max()), name
+        assert torch.allclose(layer.method.apply(layer, x, True), y_ref, rtol=2e-2, atol=2e-2 * y_ref.abs().max()), name
 
 
 def test_int4_only_where_the_table_has_a_kernel(smollm2_path):
@@ -167,7 +167,7 @@ def test_int4_only_where_the_table_has_a_kernel(smollm2_path):
     source = GGUFSource(smollm2_path)
     layer = row_parallel("model.layers.0.mlp.down_proj", 1536, 576, GGUF(), TPGroup(), CpuOps(), torch.float32)
     layer.load(source)
-    assert not layer.method.int4 and not hasattr(layer, "qweight")
+    assert not layer.int4 and not hasattr(layer, "qweight")
     assert torch.equal(layer.weight, source.read("model.layers.0.mlp.down_proj.weight"))
 
 
@@ -202,5 +202,27 @@ def test_mixed_q4_types_merge_and_other_types_stay_float(tmp_path, rank):
                      cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     for name, layer in layers.items():
         layer.load(source)
-        assert layer.method.int4 == (name != "qkv"), name
+        assert layer.int4 == (name != "qkv"), name
         assert torch.equal(layer.method.reference_weight(layer), _expected(source, layer)), name
+
+
+@pytest.mark.parametrize("table", list(TABLES))
+def test_one_method_instance_serves_float_and_int4_layers(tmp_path, table):
+    """Methods keep no per-layer state: one GGUFLinearMethod for a float qkv (Q8_0 v) and int4 layers, in either
+    load order, and each layer's apply matches its reference (the dequantized weight's matmul)."""
+    source = GGUFSource(_mixed_gguf(os.path.join(tmp_path, "mixed.gguf")))
+    cfg = source.model_config
+    method = GGUFLinearMethod()
+    for order in (["qkv", "gate_up", "o_proj", "down"], ["down", "gate_up", "o_proj", "qkv"]):
+        layers = _layers("model.layers.0", TPGroup(), TABLES[table], cfg.hidden_size, cfg.intermediate_size,
+                         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        for name in order:
+            layers[name].method = method
+            layers[name].load(source)
+        assert vars(method) == {}
+        torch.manual_seed(0)
+        for name, layer in layers.items():
+            assert layer.int4 == (name != "qkv"), name
+            x = torch.randn(3, layer.spec.local_in)
+            y, y_ref = method.apply(layer, x, False), method.reference(layer, x)
+            torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2 * y_ref.abs().max().item())
