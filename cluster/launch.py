@@ -14,6 +14,11 @@ from shardserve.workers.device import resolve_device
 logger = logging.getLogger(__name__)
 
 
+# Logical CPUs of a local Ray we start: Ray only counts them (TP ranks on CPU share the real cores, gloo), so
+# give enough that any TP group this machine can run, and a second engine beside the first, finds its bundles.
+LOCAL_RAY_MIN_CPUS = 64
+
+
 def init_ray(cfg: EngineConfig) -> None:
     """Join the cluster named by --ray-address or RAY_ADDRESS (set inside `ray job submit`), else start a
     private local one: never join whatever cluster happens to run on the machine."""
@@ -22,10 +27,9 @@ def init_ray(cfg: EngineConfig) -> None:
     if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.ray_address, log_to_driver=True)
         return
-    cores = os.cpu_count() or 1
-    # Logical CPUs: every TP rank needs a bundle even where ranks outnumber cores (gloo ranks share them).
     need = cfg.tp_size * cfg.dp_size * cfg.threads_per_worker()
-    ray.init(address="local", num_cpus=max(cores, need), include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=max(LOCAL_RAY_MIN_CPUS, os.cpu_count() or 1, need),
+             include_dashboard=False, log_to_driver=True)
 
 
 def cluster_device(requested: str) -> str:
@@ -40,20 +44,38 @@ def cluster_device(requested: str) -> str:
     return "cpu"
 
 
-def build_replicas(cfg: EngineConfig, tokenizer, model_cfg) -> list:
-    """Inside the router actor: create and load every replica, size its KV cache, make its engine core."""
+def build_replica(cfg: EngineConfig, tokenizer, index: int, model_cfg):
+    """Inside the router actor: create and load one replica, size its KV cache, make its engine core.
+
+    A replica that fails to load gives back its workers and placement group before the error propagates."""
     from shardserve.cluster.replica import Replica
     from shardserve.router.engine import EngineCore
 
-    max_len = min(cfg.max_model_len or model_cfg.max_position, model_cfg.max_position)
-    replicas = [Replica(cfg, i) for i in range(cfg.dp_size)]
-    out = []
-    for replica in replicas:
-        replica.worker_info = replica.load()
-        logger.info("replica %d loaded: %s", replica.index, replica.worker_info)
+    replica = Replica(cfg, index)
+    try:
+        replica.load()
+        logger.info("replica %d loaded: %s", index, replica.worker_info)
         blocks = replica.init_cache(cfg.num_kv_blocks)
-        out.append((replica, EngineCore(tokenizer, blocks, cfg.block_size, max_len, model_cfg.vocab_size, cfg)))
-    return out
+    except BaseException:
+        replica.shutdown()
+        raise
+    max_len = serving_context(cfg, model_cfg, blocks)
+    return replica, EngineCore(tokenizer, blocks, cfg.block_size, max_len, model_cfg.vocab_size, cfg)
+
+
+def serving_context(cfg: EngineConfig, model_cfg, num_blocks: int) -> int:
+    """The context served: --context-length or the model's, clamped to what the KV cache holds (a 32k-context
+    model on a small CPU cache would otherwise refuse every request that leaves max_tokens unset)."""
+    max_len = min(cfg.max_model_len or model_cfg.max_position, model_cfg.max_position)
+    cache_tokens = num_blocks * cfg.block_size
+    if cache_tokens < max_len:
+        logger.warning(
+            "the KV cache holds %d tokens (%d blocks of %d), less than the model's context of %d: serving a "
+            "context of %d tokens; raise --kv-cache-memory-gb (CPU) or --mem-fraction-static to serve more",
+            cache_tokens, num_blocks, cfg.block_size, max_len, cache_tokens,
+        )
+        max_len = cache_tokens
+    return max_len
 
 
 def load_tokenizer(model_path: str):
@@ -65,7 +87,9 @@ def load_tokenizer(model_path: str):
 
 
 def start_router(cfg: EngineConfig, name: str | None = None):
-    """The router actor (no resources of its own), started and loaded; returns (handle, info)."""
+    """The router actor (no resources of its own), started and loaded; returns (handle, info).
+
+    A start that fails (a worker's load raises, no room to place) releases what it took before raising."""
     from shardserve.router.router import Router
     from shardserve.workers.distributed import check_tp
     from shardserve.workers.loader import open_checkpoint
@@ -76,6 +100,13 @@ def start_router(cfg: EngineConfig, name: str | None = None):
     cfg.device = cluster_device(cfg.device)
     actor = ray.remote(Router).options(num_cpus=0, name=name, max_concurrency=1000)
     # the model config read above travels with the builder: the router need not parse the checkpoint again
-    router = actor.remote(cfg, functools.partial(build_replicas, model_cfg=model_cfg), load_tokenizer)
-    info = ray.get(router.start.remote())
+    router = actor.remote(cfg, functools.partial(build_replica, model_cfg=model_cfg), load_tokenizer)
+    try:
+        info = ray.get(router.start.remote())
+    except ray.exceptions.RayTaskError as e:  # the router has released its replicas; raise the cause itself
+        ray.kill(router)
+        raise e.as_instanceof_cause() from None
+    except BaseException:
+        ray.kill(router)
+        raise
     return router, info

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import uuid
+import weakref
 from typing import Any
 
 import ray
@@ -15,14 +17,28 @@ from shardserve.router.sampling_params import SamplingParams
 
 __all__ = ["LLM", "RequestOutput"]
 
+logger = logging.getLogger(__name__)
+SHUTDOWN_TIMEOUT_S = 60.0
+
 
 class LLM:
+    """An engine in this process's Ray: its router, workers and placement groups live until `shutdown()` (or
+    `close()`, the end of a `with` block, or garbage collection), so a second `LLM` finds the resources free."""
+
     def __init__(self, model: str = "", tp_size: int = 1, dp_size: int = 1, device: str = "auto", dtype: str = "auto",
                  quantization: str | None = None, **kwargs: Any):
         self.config = EngineConfig(model_path=model, tp_size=tp_size, dp_size=dp_size, device=device, dtype=dtype,
                                    quantization=quantization, **kwargs)
         self.router, self.info = start_router(self.config)
         self._counter = itertools.count()
+        # runs once: at shutdown(), when this object is collected, or at interpreter exit (holds no ref to self)
+        self._release = weakref.finalize(self, _release, self.router)
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def generate(
         self,
@@ -60,11 +76,23 @@ class LLM:
         return ray.get(self.router.stats.remote())
 
     def shutdown(self) -> None:
-        ray.get(self.router.shutdown.remote())
-        ray.kill(self.router)
+        """Fail what is in flight, release the workers and placement groups, stop the router; idempotent."""
+        self._release()
+
+    close = shutdown
 
     def _request_id(self) -> str:
         return f"llm-{next(self._counter)}-{uuid.uuid4().hex[:8]}"
+
+
+def _release(router) -> None:
+    if not ray.is_initialized():  # at interpreter exit Ray may be gone already, and our resources with it
+        return
+    try:
+        ray.get(router.shutdown.remote(), timeout=SHUTDOWN_TIMEOUT_S)
+    except (ray.exceptions.RayError, TimeoutError) as e:  # a dead router: killing it below is all that is left
+        logger.warning("router shutdown did not complete (%s); killing it", e)
+    ray.kill(router)
 
 
 def _assemble(deltas: list[Delta], prompt: str | None) -> RequestOutput:

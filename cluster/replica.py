@@ -10,7 +10,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shardserve.cluster.config import EngineConfig
-from shardserve.workers.device import get_backend
+from shardserve.workers.device import RAY_RESOURCES
 from shardserve.workers.step import StepPlan, StepResult
 from shardserve.workers.worker import Worker
 
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerDiedError(RuntimeError):
-    """A worker of the replica failed mid-step; its requests are failed explicitly."""
+    """A worker of the replica died, raised or hung mid-step: the replica is rebuilt, its requests retried."""
 
 
 def bundle(cfg: EngineConfig, resource: str) -> dict[str, float]:
@@ -29,19 +29,22 @@ def bundle(cfg: EngineConfig, resource: str) -> dict[str, float]:
 
 
 class Replica:
+    """Places its workers from the Ray resource name of the device alone: the router that creates replicas
+    never imports a device stack (a CPU head node has no torch_npu)."""
+
     def __init__(self, cfg: EngineConfig, index: int):
-        self.cfg, self.index = cfg, index
+        self.cfg, self.index, self.device = cfg, index, cfg.device
         self.worker_info: list[dict] = []  # what each rank reported after loading (pid, load time, format)
-        backend = get_backend(cfg.device)
-        self.device = backend.name
-        need = bundle(cfg, backend.ray_resource)
+        self.workers: list = []
+        need = bundle(cfg, RAY_RESOURCES[cfg.device])
         self.pg = placement_group([need] * cfg.tp_size, strategy="STRICT_PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=cfg.placement_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
             raise RuntimeError(
                 f"replica {index}: Ray could not place {cfg.tp_size} x {need} on one node "
-                f"within {cfg.placement_timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}"
+                f"within {cfg.placement_timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}, "
+                f"available: {ray.available_resources()}"
             )
         opts = {"num_cpus": need["CPU"], "num_gpus": need.get("GPU", 0)}
         if "NPU" in need:
@@ -59,10 +62,11 @@ class Replica:
 
     def load(self) -> list[dict]:
         """Join the process group and load every rank's shard (in parallel)."""
-        addr = ray.get(self.workers[0].node_ip.remote())
-        port = ray.get(self.workers[0].free_port.remote())
+        addr = self._get([self.workers[0].node_ip.remote()])[0]
+        port = self._get([self.workers[0].free_port.remote()])[0]
         threads = self.cfg.threads_per_worker()
-        return self._get([w.init.remote(addr, port, threads) for w in self.workers])
+        self.worker_info = self._get([w.init.remote(addr, port, threads) for w in self.workers])
+        return self.worker_info
 
     def init_cache(self, num_blocks: int | None) -> int:
         if num_blocks is None:
@@ -70,6 +74,8 @@ class Replica:
             block_bytes = max(self._get([w.kv_block_bytes.remote(cfg.block_size) for w in self.workers]))
             budgets = [w.kv_cache_budget.remote(cfg.mem_fraction_static, cfg.kv_cache_memory_gb) for w in self.workers]
             num_blocks = int(min(self._get(budgets)) // block_bytes)
+        if num_blocks < 1:
+            raise RuntimeError(f"replica {self.index}: no room for a single KV block; raise the KV cache size")
         self._get([w.init_cache.remote(num_blocks, self.cfg.block_size) for w in self.workers])
         return num_blocks
 
@@ -79,19 +85,28 @@ class Replica:
         except ray.exceptions.RayActorError as e:
             raise WorkerDiedError(f"replica {self.index}: a worker died: {e}") from e
 
+    async def _gather(self, refs: list, what: str) -> list:
+        """Every rank's answer; the first failure (a dead actor, a raised exception, or a rank silent past
+        worker_timeout_s, e.g. blocked in a collective its dead peer never joins) raises WorkerDiedError."""
+        try:
+            return await asyncio.wait_for(asyncio.gather(*refs), timeout=self.cfg.worker_timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            raise WorkerDiedError(f"replica {self.index}: {what} failed on a worker: {e}") from e
+        except asyncio.TimeoutError as e:
+            raise WorkerDiedError(f"replica {self.index}: {what} hung for {self.cfg.worker_timeout_s:.0f}s") from e
+
     async def execute(self, plan: StepPlan) -> StepResult:
         ref = ray.put(plan)  # one copy in the object store, read by every rank
-        refs = [w.execute.remote(ref) for w in self.workers]
-        try:
-            results = await asyncio.gather(*refs)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-            raise WorkerDiedError(f"replica {self.index}: step failed on a worker: {e}") from e
-        return results[0]
+        return (await self._gather([w.execute.remote(ref) for w in self.workers], "step"))[0]
 
-    def score(self, token_ids: list[int]):
-        return self._get([w.score.remote(token_ids) for w in self.workers])[0]
+    async def score(self, token_ids: list[int]):
+        return (await self._gather([w.score.remote(token_ids) for w in self.workers], "score"))[0]
 
     def shutdown(self) -> None:
+        """Kill the workers (a rank blocked in a collective included) and give back the placement group."""
         for w in self.workers:
             ray.kill(w)
-        remove_placement_group(self.pg)
+        self.workers = []
+        if self.pg is not None:  # idempotent: a rebuild and a shutdown may both release it
+            remove_placement_group(self.pg)
+            self.pg = None

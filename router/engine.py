@@ -13,7 +13,7 @@ from shardserve.router.detokenizer import IncrementalDetokenizer
 from shardserve.router.outputs import Delta, Logprob, PositionLogprobs
 from shardserve.router.sampling_params import RequestError, SamplingParams
 from shardserve.router.scheduler import Scheduler
-from shardserve.router.sequence import Sequence
+from shardserve.router.sequence import Sequence, Status
 from shardserve.workers.step import Logprobs, SeqResult, SeqStep, StepPlan, StepResult
 
 
@@ -61,6 +61,16 @@ class EngineCore:
                 "(prompt plus at least one generated token)",
                 param="prompt",
             )
+        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
+            # refused as vLLM does (serving_engine.py), not clamped: a client asking for more than fits would
+            # otherwise wait for a generation it did not ask for; max_tokens=None means "up to the context"
+            p, m = len(prompt_ids), params.max_tokens
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{p + m} tokens ({p} in the prompt, {m} in the completion). Please reduce the length of the "
+                "prompt or max_tokens.",
+                param="max_tokens",
+            )
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(f"token ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}", param="prompt")
@@ -73,6 +83,26 @@ class EngineCore:
                 self.scheduler.finish(seq)
                 deltas.append(Delta(request_id, seq.index, "", [], finish_reason="abort"))
         return deltas
+
+    def take_requests(self) -> dict[str, list[Sequence]]:
+        """Hand over every request in flight (its replica failed): this core forgets them and frees their blocks."""
+        taken, self.requests, self._scheduled = self.requests, {}, []
+        for seqs in taken.values():
+            for seq in seqs:
+                if seq.finish_reason is None:
+                    self.scheduler.finish(seq)
+                    seq.status = Status.WAITING
+        return taken
+
+    def adopt(self, request_id: str, seqs: list[Sequence]) -> None:
+        """Take over a request from a failed replica: its unfinished sequences are recomputed from their prompt
+        and the tokens already streamed (as after a preemption), so a client sees no gap and no repeat."""
+        for seq in seqs:
+            if seq.finish_reason is None:
+                seq.seq_id = next(self._ids)  # ids are per core
+                seq.preempt()
+                self.scheduler.add(seq)
+        self.requests[request_id] = seqs
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

@@ -1,4 +1,9 @@
-"""The router actor: tokenizes, admits, and drives each replica's engine loop; streams deltas per request."""
+"""The router actor: tokenizes, admits, and drives each replica's engine loop; streams deltas per request.
+
+Failure: a replica whose step fails (a worker died, raised, or hung) stops serving at once; its requests
+move to a serving replica (or wait for this one) and are recomputed from their prompt and the tokens already
+streamed, once; the replica is torn down (actors and placement group) and rebuilt in the background.
+"""
 
 from __future__ import annotations
 
@@ -10,35 +15,66 @@ from dataclasses import dataclass, field
 from shardserve.router.engine import EngineCore
 from shardserve.router.outputs import Delta
 from shardserve.router.sampling_params import RequestError, SamplingParams
+from shardserve.router.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+
+REBUILD_ATTEMPTS = 3  # a replica that fails to rebuild this many times in a row stays down
+REBUILD_BACKOFF_S = 2.0  # doubled after each failed attempt
+
+
+class Unavailable(RequestError):
+    """No replica can serve now (all are being rebuilt, or down): HTTP 503."""
+
+    status = 503
 
 
 @dataclass
 class _ReplicaLoop:
-    replica: object  # cluster.replica.Replica (anything with `async execute(plan)`)
+    index: int
+    replica: object  # cluster.replica.Replica (anything with `async execute(plan)`, `async score`, `shutdown`)
     core: EngineCore
+    state: str = "serving"  # serving | rebuilding | down
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one collective sequence at a time: steps, scores
+    task: asyncio.Task | None = None  # the step loop
+    rebuild: asyncio.Task | None = None
+    held: dict[str, list[Sequence]] = field(default_factory=dict)  # requests waiting for the rebuild
+
+    @property
+    def serving(self) -> bool:
+        return self.state == "serving"
 
 
 class Router:
-    """Owns the replicas (TP worker groups) and their engine cores. Run as an async Ray actor."""
+    """Owns the replicas (TP worker groups) and their engine cores. Run as an async Ray actor.
 
-    def __init__(self, cfg, make_replicas, tokenizer_factory):
+    `build_replica(cfg, tokenizer, index) -> (replica, core)` creates and loads one replica (blocking; run in
+    a thread), at start and on every rebuild."""
+
+    def __init__(self, cfg, build_replica, tokenizer_factory):
         self.cfg = cfg
         self.tokenizer = tokenizer_factory(cfg.model_path)
-        self._replicas_spec = make_replicas
+        self._build = build_replica
         self.loops: list[_ReplicaLoop] = []
         self.streams: dict[str, asyncio.Queue] = {}
         self.owner: dict[str, _ReplicaLoop] = {}
+        self.retried: set[str] = set()  # requests already moved once after a replica failure
         self.info: dict = {}
+        self.stats_failures = {"replica_failures": 0, "requests_retried": 0, "replica_rebuilds": 0}
 
     async def start(self) -> dict:
-        """Create and load the replicas (blocking work off the event loop), then start their step loops."""
-        built = await asyncio.get_running_loop().run_in_executor(None, self._replicas_spec, self.cfg, self.tokenizer)
-        for replica, core in built:
-            loop = _ReplicaLoop(replica, core)
+        """Create and load the replicas one by one, then start their step loops; a failure releases them all."""
+        built = []
+        try:
+            for i in range(self.cfg.dp_size):
+                built.append(await self._run_blocking(self._build, self.cfg, self.tokenizer, i))
+        except BaseException:
+            for replica, _ in built:
+                replica.shutdown()
+            raise
+        for i, (replica, core) in enumerate(built):
+            loop = _ReplicaLoop(i, replica, core)
             loop.task = asyncio.create_task(self._run(loop))
             self.loops.append(loop)
         core = self.loops[0].core
@@ -49,9 +85,13 @@ class Router:
             "block_size": core.blocks.block_size,
             "replicas": len(self.loops),
             "tp_size": self.cfg.tp_size,
-            "workers": [getattr(lp.replica, "worker_info", None) for lp in self.loops],
+            "workers": [lp.replica.worker_info for lp in self.loops],
         }
         return self.info
+
+    @staticmethod
+    async def _run_blocking(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     # ---- requests ---------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int] | None, messages: list[dict] | None) -> tuple[list[int], str | None]:
@@ -67,6 +107,11 @@ class Router:
             return list(prompt), None
         raise RequestError("prompt must be a string or a list of token ids", param="prompt")
 
+    def _choose(self) -> _ReplicaLoop | None:
+        """The least-loaded serving replica; None while none serves."""
+        serving = [lp for lp in self.loops if lp.serving]
+        return min(serving, key=lambda lp: len(lp.core.requests)) if serving else None
+
     async def generate(
         self,
         request_id: str,
@@ -76,7 +121,9 @@ class Router:
     ) -> AsyncIterator[Delta]:
         """Stream the request's deltas until every one of its n sequences finishes."""
         ids, _ = self.encode_prompt(prompt, messages)
-        loop = min(self.loops, key=lambda lp: len(lp.core.requests))  # least-loaded replica
+        loop = self._choose()
+        if loop is None:
+            raise Unavailable("no replica can serve now (being rebuilt after a worker failure); retry shortly")
         queue: asyncio.Queue = asyncio.Queue()
         loop.core.add_request(request_id, ids, params)  # raises RequestError before anything is queued
         self.streams[request_id], self.owner[request_id] = queue, loop
@@ -93,6 +140,7 @@ class Router:
                 self.abort(request_id)
             self.streams.pop(request_id, None)
             self.owner.pop(request_id, None)
+            self.retried.discard(request_id)
 
     async def complete(self, request_id: str, params: SamplingParams, prompt=None, messages=None) -> list[Delta]:
         """Non-streaming: all deltas of the request at once."""
@@ -100,9 +148,18 @@ class Router:
 
     def abort(self, request_id: str) -> None:
         loop = self.owner.get(request_id)
-        if loop is not None:
-            for d in loop.core.abort(request_id):
-                self._emit(d)
+        if loop is None:
+            return
+        held = loop.held.pop(request_id, None)
+        if held is not None:
+            for seq in held:
+                if seq.finish_reason is None:
+                    seq.finish_reason = "abort"
+                    self._emit(Delta(request_id, seq.index, "", [], finish_reason="abort"))
+            return
+        for d in loop.core.abort(request_id):
+            self._emit(d)
+        loop.wakeup.set()  # the freed blocks may admit a waiting sequence
 
     def _emit(self, delta: Delta) -> None:
         queue = self.streams.get(delta.request_id)
@@ -111,51 +168,132 @@ class Router:
 
     # ---- the step loop ----------------------------------------------------------------------
     async def _run(self, loop: _ReplicaLoop) -> None:
-        while True:
-            plan = loop.core.schedule() if loop.core.has_work() else None
+        core = loop.core
+        while loop.serving:
+            plan = core.schedule() if core.has_work() else None
             if plan is None:
                 loop.wakeup.clear()
                 await loop.wakeup.wait()
                 continue
             try:
-                result = await loop.replica.execute(plan)
-            except Exception as e:  # a dead worker: fail this replica's requests explicitly, never hang
-                logger.exception("replica step failed")
-                self._fail_all(loop, f"{type(e).__name__}: {e}")
-                continue
-            for delta in loop.core.process(result):
+                async with loop.lock:
+                    result = await loop.replica.execute(plan)
+            except Exception as e:  # a dead, raising or hung worker: never hang its requests
+                logger.exception("replica %d: step failed", loop.index)
+                self._replica_failed(loop, f"{type(e).__name__}: {e}")
+                return
+            for delta in core.process(result):
                 self._emit(delta)
 
-    def _fail_all(self, loop: _ReplicaLoop, message: str) -> None:
-        for request_id in list(loop.core.requests):
-            for d in loop.core.abort(request_id):
-                d.finish_reason, d.error = "error", message
-                self._emit(d)
+    def _replica_failed(self, loop: _ReplicaLoop, cause: str) -> None:
+        """Stop serving on `loop`, move its requests (once each), and rebuild it in the background."""
+        loop.state = "rebuilding"
+        self.stats_failures["replica_failures"] += 1
+        for request_id, seqs in loop.core.take_requests().items():
+            if request_id in self.retried:
+                self._fail(request_id, seqs, f"failed again after a retry (replica {loop.index}): {cause}")
+                continue
+            self.retried.add(request_id)
+            self.stats_failures["requests_retried"] += 1
+            self._place(request_id, seqs, fallback=loop)
+        loop.rebuild = asyncio.create_task(self._rebuild(loop, cause))
+
+    def _place(self, request_id: str, seqs: list[Sequence], fallback: _ReplicaLoop) -> None:
+        """Hand a moved request to a serving replica, else hold it for `fallback`'s rebuild."""
+        target = self._choose()
+        if target is None:
+            fallback.held[request_id] = seqs
+            self.owner[request_id] = fallback
+            return
+        target.core.adopt(request_id, seqs)
+        self.owner[request_id] = target
+        target.wakeup.set()
+
+    def _fail(self, request_id: str, seqs: list[Sequence], message: str) -> None:
+        for seq in seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "error"
+                self._emit(Delta(request_id, seq.index, "", [], finish_reason="error", error=message))
+
+    async def _rebuild(self, loop: _ReplicaLoop, cause: str) -> None:
+        """Release the failed replica, then build a new one (a few attempts, with backoff)."""
+        try:
+            await self._run_blocking(loop.replica.shutdown)
+        except Exception:  # its actors may be gone already; the new group must not wait on that
+            logger.warning("replica %d: releasing the failed workers raised", loop.index, exc_info=True)
+        delay = REBUILD_BACKOFF_S
+        for attempt in range(1, REBUILD_ATTEMPTS + 1):
+            if loop.state == "down":
+                return
+            logger.warning("replica %d: rebuilding (attempt %d/%d) after: %s", loop.index, attempt, REBUILD_ATTEMPTS, cause)
+            try:
+                replica, core = await self._run_blocking(self._build, self.cfg, self.tokenizer, loop.index)
+            except Exception as e:
+                logger.exception("replica %d: rebuild attempt %d failed", loop.index, attempt)
+                cause = f"{type(e).__name__}: {e}"
+                await asyncio.sleep(delay)
+                delay *= 2
+                continue
+            if loop.state == "down":  # shut down while it was being built: give it back at once
+                await self._run_blocking(replica.shutdown)
+                return
+            loop.replica, loop.core = replica, core
+            break
+        else:
+            loop.state = "down"
+            for request_id, seqs in loop.held.items():
+                self._fail(request_id, seqs, f"replica {loop.index} could not be rebuilt: {cause}")
+            loop.held.clear()
+            return
+        loop.state = "serving"
+        self.info["workers"][loop.index] = loop.replica.worker_info
+        self.stats_failures["replica_rebuilds"] += 1
+        logger.info("replica %d: serving again (%s)", loop.index, loop.replica.worker_info)
+        for request_id, seqs in loop.held.items():
+            loop.core.adopt(request_id, seqs)
+        loop.held.clear()
+        loop.task = asyncio.create_task(self._run(loop))
 
     async def score(self, token_ids: list[int]):
-        """Teacher-forced logits of a token sequence on the first replica (evaluation, equivalence tests)."""
-        replica = self.loops[0].replica
-        return await asyncio.get_running_loop().run_in_executor(None, replica.score, token_ids)
+        """Teacher-forced logits of a token sequence on a serving replica (evaluation, equivalence tests);
+        serialized with that replica's steps so that their collectives never interleave."""
+        loop = self._choose()
+        if loop is None:
+            raise Unavailable("no replica can serve now (being rebuilt after a worker failure); retry shortly")
+        async with loop.lock:
+            return await loop.replica.score(token_ids)
 
     def shutdown(self) -> None:
-        """Stop the step loops, fail what is in flight, and give back the workers and their placement groups."""
+        """Stop the step loops, fail what is in flight, and give back the workers and their placement groups
+        (a rebuild under way gives its new replica back when it finishes)."""
         for lp in self.loops:
+            lp.state = "down"
             if lp.task is not None:
                 lp.task.cancel()
-            self._fail_all(lp, "the server is shutting down")
-            lp.replica.shutdown()
+            for request_id, seqs in [*lp.core.take_requests().items(), *lp.held.items()]:
+                self._fail(request_id, seqs, "the server is shutting down")
+            lp.held.clear()
+            if lp.rebuild is None or lp.rebuild.done():  # else the rebuild released the old one already
+                lp.replica.shutdown()
         self.loops.clear()
 
     # ---- introspection ----------------------------------------------------------------------
     def get_info(self) -> dict:
         return self.info
 
+    def health(self) -> dict:
+        """Each replica's state; `ok` while at least one serves."""
+        states = [lp.state for lp in self.loops]
+        return {"ok": "serving" in states, "replicas": states}
+
     def stats(self) -> dict:
         out = {"running": 0, "waiting": 0, "free_blocks": 0, "prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
+        out.update(self.stats_failures)
+        out["replicas_serving"] = sum(lp.serving for lp in self.loops)
         for lp in self.loops:
             s = lp.core.scheduler
             out["running"] += len(s.running)
-            out["waiting"] += len(s.waiting)
+            out["waiting"] += len(s.waiting) + sum(len(seqs) for seqs in lp.held.values())
             out["free_blocks"] += lp.core.blocks.num_free
             for k in ("prefix_queries", "prefix_hits", "preemptions"):
                 out[k] += getattr(lp.core.blocks.stats, k)

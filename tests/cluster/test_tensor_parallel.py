@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import ray
 import torch
 
 from shardserve import LLM, SamplingParams
@@ -18,12 +19,21 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 def _run(path: str, tp: int, prompts, score_ids: list[int]):
-    llm = LLM(path, tp_size=tp, device="cpu", kv_cache_memory_gb=0.1, cpu_threads_per_worker=1)
-    try:
-        texts = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
-        return texts, llm.score(score_ids)
-    finally:
-        llm.shutdown()
+    """Greedy tokens of `prompts` and the logits of `score_ids`, scored while the prompts decode: a score's
+    collectives must not interleave with a step's (they did, from another thread of the router)."""
+    with LLM(path, tp_size=tp, device="cpu", kv_cache_memory_gb=0.1, cpu_threads_per_worker=1) as llm:
+        pending = ray.get([llm.router.complete.remote(f"p{i}", GREEDY, prompt=_value(p)) for i, p in enumerate(prompts)])
+        texts = [[t for d in deltas for t in d.token_ids] for deltas in pending]
+        refs = [llm.router.complete.remote(f"q{i}", GREEDY, prompt=_value(p)) for i, p in enumerate(prompts)]
+        scores = [llm.score(score_ids) for _ in range(3)]  # while the second round decodes
+        again = [[t for d in deltas for t in d.token_ids] for deltas in ray.get(refs)]
+    assert again == texts
+    assert all(torch.equal(s, scores[0]) for s in scores)
+    return texts, scores[0]
+
+
+def _value(prompt):
+    return prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
 
 
 def test_smollm2_tp3_matches_tp1(ray_session, smollm2_path):

@@ -7,8 +7,11 @@ import importlib
 from shardserve.workers.device.base import AttentionMetadata, DeviceBackend, TorchOps
 
 DEVICES = ("npu", "cuda", "cpu")
+# the Ray resource that places a worker of each device: what the router needs to know of a device, without
+# importing its stack (torch_npu is absent from a CPU head node)
+RAY_RESOURCES = {"npu": "NPU", "cuda": "GPU", "cpu": "CPU"}
 
-__all__ = ["AttentionMetadata", "DeviceBackend", "TorchOps", "get_backend", "resolve_device"]
+__all__ = ["RAY_RESOURCES", "AttentionMetadata", "DeviceBackend", "TorchOps", "get_backend", "resolve_device"]
 
 
 def _module(name: str):

@@ -15,6 +15,10 @@ class CheckpointError(ValueError):
         super().__init__(f"{where}: {message}")
         self.file = file
         self.tensor = tensor
+        self.detail = message
+
+    def __reduce__(self):  # crosses Ray (worker -> router -> driver) as itself, not as an unpicklable error
+        return type(self), (self.file, self.tensor, self.detail)
 
 
 class CheckpointSource(ABC):
