@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 # Logical CPUs of a local Ray we start: Ray only counts them (TP ranks on CPU share the real cores, gloo), so
 # give enough that any TP group this machine can run, and a second engine beside the first, finds its bundles.
 LOCAL_RAY_MIN_CPUS = 64
+# where a server's named router lives, so that tools on the cluster find it: ray.get_actor(name, namespace=...)
+RAY_NAMESPACE = "shardserve"
 
 
 def init_ray(cfg: EngineConfig) -> None:
@@ -25,10 +27,10 @@ def init_ray(cfg: EngineConfig) -> None:
     if ray.is_initialized():
         return
     if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray_address, log_to_driver=True)
+        ray.init(address=cfg.ray_address, namespace=RAY_NAMESPACE, log_to_driver=True)
         return
     need = cfg.tp_size * cfg.dp_size * cfg.threads_per_worker()
-    ray.init(address="local", num_cpus=max(LOCAL_RAY_MIN_CPUS, os.cpu_count() or 1, need),
+    ray.init(address="local", num_cpus=max(LOCAL_RAY_MIN_CPUS, os.cpu_count() or 1, need), namespace=RAY_NAMESPACE,
              include_dashboard=False, log_to_driver=True)
 
 

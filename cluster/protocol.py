@@ -8,6 +8,9 @@ from pydantic import BaseModel, Field
 
 from shardserve.router.sampling_params import RequestError, SamplingParams
 
+# Prompts per completion request: each one is a router request of n sequences, all submitted at once.
+MAX_PROMPTS = 256
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -62,10 +65,17 @@ class CompletionRequest(_Common):
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
         if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)):
-            return [p]
-        if isinstance(p, list) and p:
-            return list(p)
-        raise RequestError("prompt must be a non-empty string, list of strings, or token ids", param="prompt")
+            prompts = [p]
+        elif isinstance(p, list) and p:
+            prompts = list(p)
+        else:
+            raise RequestError("prompt must be a non-empty string, list of strings, or token ids", param="prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise RequestError(f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS} per request", param="prompt")
+        if self.echo and not all(isinstance(x, str) for x in prompts):
+            # the ingress holds no tokenizer to turn the ids back into the text to echo
+            raise RequestError("echo needs text prompts; token-id prompts cannot be echoed", param="echo")
+        return prompts
 
     def params(self) -> SamplingParams:
         return self.sampling(self.logprobs, self.max_tokens, self.prompt_logprobs)
@@ -86,6 +96,11 @@ class ChatCompletionRequest(_Common):
     def params(self) -> SamplingParams:
         if not self.messages:
             raise RequestError("messages must hold at least one message", param="messages")
+        for i, m in enumerate(self.messages):
+            # tool calls, which let an assistant message go without content, are not accepted here
+            if m.content is None:
+                param = f"messages[{i}].content"
+                raise RequestError(f"{param} is missing (a {m.role} message needs content)", param=param)
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         lp = (self.top_logprobs or 0) if self.logprobs else None

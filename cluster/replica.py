@@ -99,6 +99,10 @@ class Replica:
         ref = ray.put(plan)  # one copy in the object store, read by every rank
         return (await self._gather([w.execute.remote(ref) for w in self.workers], "step"))[0]
 
+    async def ping(self) -> None:
+        """Every rank answers (an idle replica's dead worker is found before a request meets it)."""
+        await self._gather([w.ping.remote() for w in self.workers], "health check")
+
     async def score(self, token_ids: list[int]):
         return (await self._gather([w.score.remote(token_ids) for w in self.workers], "score"))[0]
 

@@ -3,17 +3,19 @@ health, Prometheus metrics. Talks to the router actor; one process, or a Ray Ser
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from shardserve.cluster.protocol import ChatCompletionRequest, CompletionRequest
@@ -22,10 +24,57 @@ from shardserve.router.sampling_params import RequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client still waits
+
+
+def _error_body(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
 
 def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(_error_body(status, message, param, kind), status_code=status)
+
+
+class _ApiKey:
+    """Refuses /v1/ calls without the key. Plain ASGI, not `@app.middleware`: behind Starlette's
+    BaseHTTPMiddleware an endpoint never sees its client disconnect (`Request.is_disconnected` stays false)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            if dict(scope["headers"]).get(b"authorization", b"") != self.expected:
+                response = error_response(401, "invalid or missing API key", kind="authentication_error")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class _ServerErrors:
+    """An unexpected exception answers an OpenAI-shaped 500, not Starlette's plain text, and is logged here once
+    with its traceback (an `Exception` handler would be re-raised to the ASGI server and logged twice)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:
+            logger.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=e)
+            if started:  # too late for a status: the server closes the connection
+                raise
+            response = error_response(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+            await response(scope, receive, send)
 
 
 class _Metrics:
@@ -35,20 +84,16 @@ class _Metrics:
         self.tokens = Counter("shardserve_generation_tokens", "tokens generated", registry=self.registry)
         self.gauges = {
             k: Gauge(f"shardserve_{k}", f"router {k.replace('_', ' ')}", registry=self.registry)
-            for k in ("running", "waiting", "free_blocks", "total_blocks", "prefix_hits", "prefix_queries", "preemptions")
+            for k in ("running", "waiting", "free_blocks", "total_blocks", "prefix_hits", "prefix_queries", "preemptions", "steps")
         }
 
 
 def create_app(router, model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="shardserve", version="0.1.0")
     metrics = _Metrics()
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_response(401, "invalid or missing API key", kind="authentication_error")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_ApiKey, api_key=api_key)
+    app.add_middleware(_ServerErrors)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
@@ -60,8 +105,11 @@ def create_app(router, model_name: str, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        await router.get_info.remote()
-        return {"status": "ok"}
+        """200 while some replica serves; 503 while none can (all being rebuilt after a failure, or down)."""
+        state = await router.health.remote()
+        if not state["ok"]:
+            return JSONResponse({"status": "unavailable", "replicas": state["replicas"]}, status_code=503)
+        return {"status": "ok", "replicas": state["replicas"]}
 
     @app.get("/v1/models")
     async def models():
@@ -107,54 +155,73 @@ def create_app(router, model_name: str, api_key: str | None = None) -> FastAPI:
 
 
 class _Handler:
-    """One HTTP request: fans its prompts out to the router, then answers in one body or as SSE."""
+    """One HTTP request: fans its prompts out to the router, then answers in one body or as SSE.
+
+    Every exit that is not a full answer (a refused prompt, a failed generation, a client gone, an exception)
+    aborts all of the request's prompts, so that none keeps its KV blocks."""
 
     def __init__(self, router, model: str, kind: str, metrics: _Metrics):
         self.router, self.model, self.kind, self.metrics = router, model, kind, metrics
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self.num_prompts = 0
 
     async def run(self, request, params: SamplingParams, inputs: list[dict], stream: bool, stream_options, echo=False):
         endpoint = "chat" if self.kind == "chat.completion" else "completions"
-        streams = []
-        try:
-            for i, kw in enumerate(inputs):
-                gen = self.router.generate.options(num_returns="streaming").remote(f"{self.id}-{i}", params, **kw)
-                first = await _next(gen)  # raises the request's error before any byte is sent
-                streams.append((gen, first))
-        except RequestError as e:
-            self._abort(streams)
-            self.metrics.requests.labels(endpoint, "400").inc()
-            return error_response(400, str(e), e.param)
-        self.metrics.requests.labels(endpoint, "200").inc()
-        if stream:
-            include_usage = bool(stream_options and stream_options.include_usage)
-            return StreamingResponse(self._sse(request, streams, params.n, include_usage), media_type="text/event-stream")
-        return JSONResponse(await self._collect(streams, params.n, inputs, echo))
+        response = await self._answer(request, params, inputs, stream, stream_options, echo)
+        self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
 
-    def _abort(self, streams) -> None:
-        for i in range(len(streams)):
+    async def _answer(self, request, params, inputs, stream, stream_options, echo) -> Response:
+        # every prompt is submitted before any is awaited, so that the replica batches their prefills
+        gens = [
+            self.router.generate.options(num_returns="streaming").remote(f"{self.id}-{i}", params, **kw)
+            for i, kw in enumerate(inputs)
+        ]
+        self.num_prompts = len(gens)
+        try:
+            # the first deltas raise a prompt's RequestError before any byte is sent
+            firsts = await _while_connected(request, _first_deltas(gens))
+            streams = list(zip(gens, firsts))
+            if stream:
+                include_usage = bool(stream_options and stream_options.include_usage)
+                sse = self._sse(streams, params.n, include_usage, _echoed(inputs, echo))
+                return StreamingResponse(sse, media_type="text/event-stream")
+            body = await _while_connected(request, self._collect(streams, params.n, _echoed(inputs, echo)))
+            return JSONResponse(body)
+        except RequestError as e:
+            self._abort()
+            status = getattr(e, "status", 400)  # the router's Unavailable is a 503
+            return error_response(status, str(e), e.param, "invalid_request_error" if status < 500 else "server_error")
+        except _GenerationFailed as e:
+            self._abort()
+            return error_response(500, f"generation failed: {e}", kind="server_error")
+        except _ClientGone:
+            self._abort()
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        for i in range(self.num_prompts):
             self.router.abort.remote(f"{self.id}-{i}")
 
-    async def _collect(self, streams, n: int, inputs: list[dict], echo: bool) -> dict[str, Any]:
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        for p, (gen, first) in enumerate(streams):
-            deltas = [first] + [d async for d in _iterate(gen)]
-            prompt_tokens += len(first.prompt_token_ids or [])
-            by_index: dict[int, list[Delta]] = {}
-            for d in deltas:
+    async def _collect(self, streams, n: int, echoed: list[str]) -> dict[str, Any]:
+        by_choice: dict[int, list[Delta]] = {}
+        async with aclosing(_merge(streams)) as deltas:
+            async for p, d in deltas:
                 if d.error:
-                    raise RuntimeError(d.error)
-                by_index.setdefault(d.index, []).append(d)
-            for idx in sorted(by_index):
-                ds = by_index[idx]
-                completion_tokens += sum(len(d.token_ids) for d in ds)
-                text = "".join(d.text for d in ds)
-                if echo and isinstance(inputs[p].get("prompt"), str):
-                    text = inputs[p]["prompt"] + text
-                choices.append(self._choice(p * n + idx, text, ds[-1], _pairs(ds)))
+                    raise _GenerationFailed(d.error)
+                by_choice.setdefault(p * n + d.index, []).append(d)
+        choices, completion_tokens = [], 0
+        for index in sorted(by_choice):
+            ds = by_choice[index]
+            completion_tokens += sum(len(d.token_ids) for d in ds)
+            text = echoed[index // n] + "".join(d.text for d in ds)
+            choices.append(self._choice(index, text, ds[-1], _pairs(ds)))
         self.metrics.tokens.inc(completion_tokens)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        usage = _usage(streams, completion_tokens)
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model, "choices": choices, "usage": usage}
 
     def _choice(self, index: int, text: str, last: Delta, pairs: list) -> dict[str, Any]:
@@ -168,33 +235,33 @@ class _Handler:
         c["stop_reason"] = last.stop_reason
         return c
 
-    async def _sse(self, request, streams, n: int, include_usage: bool) -> AsyncIterator[str]:
-        prompt_tokens = completion_tokens = 0
-        done = False
+    async def _sse(self, streams, n: int, include_usage: bool, echoed: list[str]) -> AsyncIterator[str]:
+        completion_tokens, done = 0, False
         try:
-            for p, (gen, first) in enumerate(streams):
-                prompt_tokens += len(first.prompt_token_ids or [])
+            for index in range(len(streams) * n):
                 if self.kind == "chat.completion":
-                    for i in range(n):
-                        yield self._event({"index": p * n + i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-                async for d in _chain(first, gen):
-                    if await request.is_disconnected():
-                        self._abort(streams)
-                        return
+                    role = {"role": "assistant", "content": ""}
+                    yield self._event({"index": index, "delta": role, "finish_reason": None})
+                elif echoed[index // n]:  # echo streams the prompt first, as vLLM does
+                    yield self._event({"index": index, "text": echoed[index // n], "logprobs": None, "finish_reason": None})
+            async with aclosing(_merge(streams)) as deltas:
+                async for p, d in deltas:
                     completion_tokens += len(d.token_ids)
                     if d.error:
-                        yield f"data: {json.dumps({'error': {'message': d.error, 'type': 'server_error', 'code': 500}})}\n\n"
+                        yield _error_event(f"generation failed: {d.error}")
                         return
                     yield self._event(self._stream_choice(p * n + d.index, d))
             if include_usage:
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
-                yield f"data: {json.dumps(self._chunk([], usage))}\n\n"
+                yield f"data: {json.dumps(self._chunk([], _usage(streams, completion_tokens)))}\n\n"
             yield "data: [DONE]\n\n"
             done = True
+        except Exception as e:  # the status is sent already: the error goes in the stream
+            logger.error("streaming %s failed", self.id, exc_info=e)
+            yield _error_event(f"internal error: {type(e).__name__}: {e}")
         finally:
-            # a client gone mid-stream: the server stops iterating us, so free its sequences here
+            # a client gone mid-stream: Starlette stops iterating us, so free its sequences here
             if not done:
-                self._abort(streams)
+                self._abort()
             self.metrics.tokens.inc(completion_tokens)
 
     def _stream_choice(self, index: int, d: Delta) -> dict[str, Any]:
@@ -216,6 +283,45 @@ class _Handler:
         if usage is not None:
             chunk["usage"] = usage
         return chunk
+
+
+class _GenerationFailed(Exception):
+    """A prompt's generation ended with an error (its replica failed): the request answers 500."""
+
+
+class _ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its answer."""
+
+
+async def _while_connected(request: Request, coro):
+    """Run `coro` while the client waits; raise _ClientGone (cancelling it) once the client has disconnected.
+    Streaming needs no such watch: Starlette's StreamingResponse listens for the disconnect itself."""
+    task = asyncio.create_task(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise _ClientGone
+    finally:
+        task.cancel()
+
+
+def _echoed(inputs: list[dict], echo: bool) -> list[str]:
+    """The text each prompt's choices start with: the prompt itself under `echo` (checked at the door to be text)."""
+    return [kw["prompt"] if echo else "" for kw in inputs]
+
+
+def _usage(streams, completion_tokens: int) -> dict[str, int]:
+    # each prompt counts once, however many choices it has (its first delta carries its tokens)
+    prompt_tokens = sum(len(first.prompt_token_ids or []) for _, first in streams)
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+
+
+def _error_event(message: str) -> str:
+    return f"data: {json.dumps(_error_body(500, message, kind='server_error'))}\n\n"
 
 
 def _token_entry(v) -> dict[str, Any]:
@@ -251,19 +357,40 @@ async def _next(gen) -> Delta:
         ref = await gen.__anext__()
         return await ref
     except ray.exceptions.RayTaskError as e:
-        cause = e.as_instanceof_cause()
-        if isinstance(cause, RequestError) or isinstance(getattr(e, "cause", None), RequestError):
-            err = getattr(e, "cause", cause)
-            raise RequestError(str(err), getattr(err, "param", None)) from e
+        if isinstance(getattr(e, "cause", None), RequestError):
+            raise e.cause from None  # the router's refusal itself: its field, and its status if not 400
         raise
 
 
-async def _iterate(gen) -> AsyncIterator[Delta]:
-    async for ref in gen:
-        yield await ref
+async def _first_deltas(gens) -> list[Delta]:
+    return await asyncio.gather(*(_next(g) for g in gens))
 
 
-async def _chain(first: Delta, gen) -> AsyncIterator[Delta]:
-    yield first
-    async for d in _iterate(gen):
-        yield d
+async def _merge(streams) -> AsyncIterator[tuple[int, Delta]]:
+    """All of a request's prompts' deltas as they arrive, as (prompt index, delta), each stream after its first
+    delta; a stream's exception is raised here. Closing this generator stops reading the streams."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(p: int, gen, first: Delta) -> None:
+        try:
+            queue.put_nowait((p, first))
+            async for ref in gen:
+                queue.put_nowait((p, await ref))
+            queue.put_nowait((p, None))
+        except Exception as e:
+            queue.put_nowait((p, e))
+
+    tasks = [asyncio.create_task(pump(p, gen, first)) for p, (gen, first) in enumerate(streams)]
+    try:
+        live = len(tasks)
+        while live:
+            p, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                live -= 1
+            else:
+                yield p, item
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 REBUILD_ATTEMPTS = 3  # a replica that fails to rebuild this many times in a row stays down
 REBUILD_BACKOFF_S = 2.0  # doubled after each failed attempt
+HEALTH_CHECK_S = 5.0  # an idle replica pings its workers this often
 
 
 class Unavailable(RequestError):
@@ -171,19 +172,27 @@ class Router:
         core = loop.core
         while loop.serving:
             plan = core.schedule() if core.has_work() else None
-            if plan is None:
-                loop.wakeup.clear()
-                await loop.wakeup.wait()
-                continue
             try:
+                if plan is None:
+                    await self._idle(loop)
+                    continue
                 async with loop.lock:
                     result = await loop.replica.execute(plan)
             except Exception as e:  # a dead, raising or hung worker: never hang its requests
-                logger.exception("replica %d: step failed", loop.index)
+                logger.exception("replica %d: %s failed", loop.index, "step" if plan else "health check")
                 self._replica_failed(loop, f"{type(e).__name__}: {e}")
                 return
             for delta in core.process(result):
                 self._emit(delta)
+
+    async def _idle(self, loop: _ReplicaLoop) -> None:
+        """Wait for work; every HEALTH_CHECK_S without any, check that the workers are alive."""
+        loop.wakeup.clear()
+        try:
+            await asyncio.wait_for(loop.wakeup.wait(), timeout=HEALTH_CHECK_S)
+        except asyncio.TimeoutError:
+            async with loop.lock:
+                await loop.replica.ping()
 
     def _replica_failed(self, loop: _ReplicaLoop, cause: str) -> None:
         """Stop serving on `loop`, move its requests (once each), and rebuild it in the background."""

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Samples per request: OpenAI's documented bound on `n`. Each sample is a sequence in the batch; an unbounded n
+# lets one request take every slot.
+MAX_N = 128
+
 
 class RequestError(ValueError):
     """A request that cannot be served as asked; `param` names the offending field (OpenAI's error.param)."""
@@ -36,7 +40,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
         checks = [
-            (self.n >= 1, "n", "must be >= 1"),
+            (1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
             (self.temperature >= 0.0, "temperature", "must be >= 0"),

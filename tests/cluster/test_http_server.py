@@ -16,6 +16,9 @@ import openai
 import pytest
 
 from shardserve.cluster.config import DEFAULT_MODEL_FILE
+from shardserve.cluster.launch import RAY_NAMESPACE
+from shardserve.cluster.protocol import MAX_PROMPTS
+from shardserve.router.sampling_params import MAX_N
 
 API_KEY = "sk-test"
 MODEL = DEFAULT_MODEL_FILE.removesuffix(".gguf")
@@ -327,3 +330,135 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(http):
         json={"model": MODEL, "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0},
     )
     assert "Paris" in r.json()["choices"][0]["text"]
+
+
+# ---- request lifecycle: limits at the door, batching, a client that does not wait -------------------------
+
+
+def _prompt_tokens(http: httpx.Client, prompt: str) -> int:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+    return http.post("/v1/completions", json=body).json()["usage"]["prompt_tokens"]
+
+
+def _first_event(http: httpx.Client, path: str, body: dict) -> dict:
+    """The first SSE chunk of a streamed request; leaving early aborts the rest (a cheap way to see it admitted)."""
+    with http.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        return json.loads(next(line for line in r.iter_lines() if line.startswith("data: ")).removeprefix("data: "))
+
+
+def test_max_tokens_beyond_the_context_is_400_with_the_numbers(http):
+    prompt = "Once upon a time"
+    p = _prompt_tokens(http, prompt)
+    over = CONTEXT - p + 1
+    err = _assert_error(
+        http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": over}), 400, "max_tokens"
+    )
+    assert f"maximum context length is {CONTEXT} tokens" in err["message"], err
+    assert f"{p + over} tokens ({p} in the prompt, {over} in the completion)" in err["message"], err
+    chat = {"model": MODEL, "messages": QUESTION, "max_completion_tokens": CONTEXT}
+    _assert_error(http.post("/v1/chat/completions", json=chat), 400, "max_tokens")
+    # exactly the context is served, and no max_tokens means "up to the context"
+    assert _first_event(http, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": over - 1})["choices"]
+    assert _first_event(http, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION})["choices"]
+
+
+def test_n_and_the_number_of_prompts_are_bounded(http):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1, "n": MAX_N + 1}
+    assert str(MAX_N) in _assert_error(http.post("/v1/completions", json=body), 400, "n")["message"]
+    body = {"model": MODEL, "prompt": ["Hi"] * (MAX_PROMPTS + 1), "max_tokens": 1}
+    assert str(MAX_PROMPTS) in _assert_error(http.post("/v1/completions", json=body), 400, "prompt")["message"]
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "system", "content": None}, {"role": "user", "content": "Hi"}], "messages[0].content"),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant"}], "messages[1].content"),
+    ],
+)
+def test_chat_message_without_content_is_400_naming_it(http, messages, param):
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 1})
+    assert param in _assert_error(r, 400, param)["message"]
+
+
+def test_multi_prompt_completion_batches_its_prompts(http):
+    prompts, max_tokens = [f"Story number {i}:" for i in range(8)], 4
+    _wait_idle(http, timeout_s=30)
+    before = _metrics(http)["shardserve_steps"]
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    r = http.post("/v1/completions", json=body)
+    steps = _metrics(http)["shardserve_steps"] - before
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == list(range(len(prompts)))
+    assert r.json()["usage"]["completion_tokens"] == len(prompts) * max_tokens
+    # each prompt submitted only after the previous one's first token: a prefill step each, then the last
+    # one's remaining decodes, at least 8 + 3 steps; submitted together they prefill in one or two
+    assert steps < len(prompts) + max_tokens - 1, steps
+
+
+def test_usage_counts_each_prompt_once_and_every_choice(http):
+    prompt = "Once upon a time"
+    kw = {"model": MODEL, "max_tokens": 2, "ignore_eos": True}
+    one = http.post("/v1/completions", json={**kw, "prompt": prompt}).json()["usage"]
+    three = http.post("/v1/completions", json={**kw, "prompt": prompt, "n": 3}).json()["usage"]
+    assert three["prompt_tokens"] == one["prompt_tokens"] and three["completion_tokens"] == 6
+    both = http.post("/v1/completions", json={**kw, "prompt": [prompt, prompt], "n": 2}).json()
+    assert [c["index"] for c in both["choices"]] == [0, 1, 2, 3]
+    assert both["usage"]["prompt_tokens"] == 2 * one["prompt_tokens"] and both["usage"]["completion_tokens"] == 8
+
+
+def test_echo_prepends_the_prompt_streamed_or_not(http):
+    prompt = "The capital of France is"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0, "echo": True}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert whole.startswith(prompt) and len(whole) > len(prompt), whole
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == whole
+
+
+def test_echo_of_a_token_id_prompt_is_400(http):
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1, "echo": True}
+    _assert_error(http.post("/v1/completions", json=body), 400, "echo")
+
+
+def test_non_streaming_client_that_leaves_is_aborted_and_frees_blocks(server, http):
+    prompt, max_tokens = "Once upon a time", 240
+    took = []
+    for n in (8, 24):  # the decode pace, without the request's fixed costs
+        t0 = time.monotonic()
+        http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": n, "ignore_eos": True})
+        took.append(time.monotonic() - t0)
+    per_token = (took[1] - took[0]) / 16
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, headers=AUTH, timeout=1.0)
+    # idle well before the generation could have run to its end: it was aborted, not finished
+    bound = min(60.0, 0.5 * max_tokens * per_token)
+    m, elapsed = _wait_idle(http, timeout_s=bound)
+    assert m["shardserve_running"] == 0 and m["shardserve_waiting"] == 0, (m, elapsed, bound)
+    assert m["shardserve_free_blocks"] == m["shardserve_total_blocks"], m
+
+
+def test_health_is_503_while_the_only_replica_is_rebuilt(ray_session, http):
+    """Kill the server's worker while it idles: the health check finds it, /health and new requests answer 503
+    (OpenAI-shaped) while the replica is rebuilt, then it serves again. Last in this module: it kills a worker."""
+    router = ray_session.get_actor("shardserve-router", namespace=RAY_NAMESPACE)
+    pid = ray_session.get(router.get_info.remote())["workers"][0][0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+    deadline = time.monotonic() + 60
+    while http.get("/health").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    r = http.get("/health")
+    assert r.status_code == 503 and r.json()["replicas"] == ["rebuilding"], r.text
+    refused = http.post("/v1/completions", json=body)
+    if refused.status_code != 200:  # the rebuild of a 135M model may win the race against this request
+        _assert_error(refused, 503)
+    deadline = time.monotonic() + 180
+    while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert http.get("/health").json() == {"status": "ok", "replicas": ["serving"]}
+    assert http.post("/v1/completions", json=body).status_code == 200

@@ -205,14 +205,20 @@ class Tokenizer:
             raise ValueError(NO_CHAT_TEMPLATE)
         if self._template is None:
             self._template = compile_chat_template(self.chat_template)
-        return self._template.render(
-            messages=[_flatten_content(m) for m in messages],
-            add_generation_prompt=add_generation_prompt,
-            tools=tools,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-            **kwargs,
-        )
+        messages = [_flatten_content(m) for m in messages]
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                tools=tools,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                **kwargs,
+            )
+        except jinja2.TemplateError as e:  # the template's raise_exception(), or a field it needs is missing
+            raise ValueError(f"the chat template refused the messages: {e}") from e
+        except (ArithmeticError, AttributeError, LookupError, TypeError) as e:  # a bug in the template itself
+            raise ValueError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from e
 
 
 class _GenerationBlock(Extension):
