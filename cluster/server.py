@@ -4,6 +4,7 @@ health, Prometheus metrics. Talks to the router actor; one process, or a Ray Ser
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -44,7 +45,8 @@ class _ApiKey:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            if dict(scope["headers"]).get(b"authorization", b"") != self.expected:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # constant time: no timing oracle on the key
                 response = error_response(401, "invalid or missing API key", kind="authentication_error")
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)

@@ -92,17 +92,18 @@ import gc, sys
 from shardserve import LLM, SamplingParams
 model = sys.argv[1]
 kw = dict(device="cpu", kv_cache_memory_gb=0.05, placement_timeout_s=30)
-llm = LLM(model, **kw)  # starts the local Ray (2 real cores here)
+llm = LLM(model, **kw)  # starts the local Ray; TP=1 takes every real core (2 here)
 del llm
 gc.collect()
-llm = LLM(model, tp_size=3, cpu_threads_per_worker=1, **kw)
-print("OK", llm.generate(["Hello"], SamplingParams(max_tokens=2, temperature=0))[0].outputs[0].token_ids)
+llm = LLM(model, tp_size=4, cpu_threads_per_worker=1, **kw)
+print("OK", llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_tokens=2))[0].outputs[0].token_ids)
 """
 
 
-def test_a_second_larger_engine_fits_the_local_ray_we_start(smollm2_path):
-    """In a fresh process (Ray started by LLM itself): TP=1, dropped, then TP=3 places within 30 s."""
+def test_a_second_larger_engine_fits_the_local_ray_we_start(tiny):
+    """In a fresh process (Ray started by LLM itself): TP=1, dropped, then TP=4 places within 30 s (a Ray
+    sized by the first engine alone had no room for it)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    run = subprocess.run([sys.executable, "-c", SECOND_ENGINE, smollm2_path], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", SECOND_ENGINE, tiny], capture_output=True, text=True,
                          timeout=400, env=env)
     assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]

@@ -47,23 +47,6 @@ class NoDeviceMixing(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-class MetaMoEOps(TorchOps):
-    """TorchOps with the per-expert row counts taken by scatter_add: torch.bincount has no meta kernel (its
-    output length depends on the values). The same counts for ids in [0, num_experts), as routing gives."""
-
-    def moe_init_routing(
-        self, x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        T, k = topk_ids.shape
-        flat = topk_ids.reshape(-1)  # [T*k]
-        order = torch.argsort(flat, stable=True)  # [T*k] sorted position -> flat row
-        positions = torch.arange(T * k, device=x.device)
-        row_idx = torch.empty_like(order).scatter_(0, order, positions)  # [T*k] flat row -> position
-        ones = torch.ones_like(flat)
-        counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, ones)
-        return x.index_select(0, order // k), row_idx, counts  # [T*k, H] sorted by expert
-
-
 def _model_path(name: str, cache_dir: str, smollm2_path: str) -> str:
     if name == "smollm2":
         return smollm2_path  # GGUF Q4_1 through the GGUF linear method; tied embeddings
@@ -79,8 +62,8 @@ MODELS = {
     "qwen2": (torch.float32, TorchOps()),
     "qwen3": (torch.float32, TorchOps()),
     "smollm2": (torch.float32, TorchOps()),
-    "qwen2_moe": (torch.bfloat16, MetaMoEOps()),
-    "qwen3_moe": (torch.bfloat16, MetaMoEOps()),
+    "qwen2_moe": (torch.bfloat16, TorchOps()),
+    "qwen3_moe": (torch.bfloat16, TorchOps()),
 }
 
 

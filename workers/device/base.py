@@ -99,7 +99,11 @@ class TorchOps(QuantOps):
         positions = torch.arange(T * k, device=x.device)
         expanded_row_idx = torch.empty_like(order).scatter_(0, order, positions)  # [T*k] flat row -> position
         expanded_x = x.index_select(0, order // k)  # [T*k, H]
-        expert_tokens = torch.bincount(flat, minlength=num_experts)  # [E]
+        # counted by scatter_add, not bincount: bincount sizes its output from the values (a host sync on
+        # CUDA/NPU, no meta kernel); ids are in [0, num_experts) here
+        expert_tokens = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat)
+        )  # [E]
         return expanded_x, expanded_row_idx, expert_tokens
 
     def grouped_matmul(self, x: torch.Tensor, w: torch.Tensor, group_counts: torch.Tensor) -> torch.Tensor:
