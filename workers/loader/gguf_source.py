@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -91,12 +92,12 @@ class GGUFSource(CheckpointSource):
             raise CheckpointError(path, None, "no .gguf file found")
         self.path = first
         files = _split_files(first)
+        absent = [f for f in files if not os.path.isfile(f)]
+        if absent:
+            raise CheckpointError(first, None, f"split GGUF is missing {len(absent)} of its {len(files)} files: {absent}")
         self._readers = []
         for f in files:
-            try:
-                self._readers.append(GGUFReader(f))
-            except Exception as e:  # gguf-py raises ValueError/struct errors on a bad header
-                raise CheckpointError(f, None, f"not a readable GGUF file: {e}") from e
+            self._readers.append(_open_reader(f))
         self.metadata = _metadata(self._readers[0])
         self.architecture = self.metadata.get("general.architecture", "")
         self._tensors: dict[str, tuple[str, ReaderTensor]] = {}
@@ -107,6 +108,7 @@ class GGUFSource(CheckpointSource):
                 if name is None:
                     self.extra_tensors[t.name] = t
                 else:
+                    _check_readable_type(f, t)
                     self._tensors[name] = (f, t)
         self.model_config = self._model_config()
 
@@ -227,6 +229,75 @@ class GGUFSource(CheckpointSource):
         half = rows // heads // 2
         h, i, j = np.meshgrid(np.arange(heads), np.arange(2), np.arange(half), indexing="ij")
         return (h * 2 * half + j * 2 + i).reshape(-1)  # hf row (h, i, j) lives at gguf row (h, j, i)
+
+
+class _CheckedReader(GGUFReader):
+    """GGUFReader that checks each tensor's type and data range against the file before mapping it: gguf-py
+    itself fails on a truncated file with a bare numpy reshape error that names no tensor."""
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        path, size = str(self.data.filename), len(self.data)
+        ranges = []
+        for field in fields:
+            _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
+            name = bytes(name_data).decode("utf-8", errors="replace")
+            try:
+                qtype = GGMLQuantizationType(int(raw_dtype[0]))
+            except ValueError:
+                known = sorted(t.name for t in GGMLQuantizationType)
+                raise CheckpointError(path, name, f"unknown ggml type id {int(raw_dtype[0])}; known: {known}") from None
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            n_elems = int(np.prod(dims, dtype=np.uint64))
+            if dims.size and int(dims[0]) % block:
+                raise CheckpointError(path, name, f"{qtype.name} row of {int(dims[0])} values is not whole blocks of {block}")
+            begin = int(start_offs + int(offset_tensor[0]))
+            end = begin + n_elems * type_size // block
+            if begin % self.alignment:
+                raise CheckpointError(path, name, f"data offset {begin} is not aligned to {self.alignment} bytes")
+            if end > size:
+                raise CheckpointError(
+                    path, name, f"truncated or lying header: the tensor needs bytes [{begin}, {end}), the file has {size}"
+                )
+            ranges.append((begin, end, name))
+        ranges.sort()
+        for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+            if begin < end:
+                raise CheckpointError(path, second, f"data [{begin}, ...) overlaps tensor {first!r}, which ends at {end}")
+        super()._build_tensors(start_offs, fields)
+
+
+def _open_reader(path: str) -> GGUFReader:
+    try:
+        return _CheckedReader(path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # gguf-py raises ValueError/IndexError/KeyError on a bad or truncated header
+        size = os.path.getsize(path)
+        raise CheckpointError(
+            path, None, f"not a readable GGUF file ({size} bytes; truncated or corrupt header?): {type(e).__name__}: {e}"
+        ) from None
+
+
+@functools.cache
+def _dequantizable(qtype: GGMLQuantizationType) -> bool:
+    """Whether gguf-py dequantizes `qtype` to floats (one zero block as the probe); integer types are not weights."""
+    if qtype in (GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32, GGMLQuantizationType.I64):
+        return False
+    if qtype in _UNQUANTIZED or qtype == GGMLQuantizationType.F64:
+        return True
+    try:
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+    except (NotImplementedError, ValueError, KeyError):
+        return False
+    return True
+
+
+def _check_readable_type(path: str, t: ReaderTensor) -> None:
+    """A model tensor whose ggml type gguf-py cannot dequantize fails at open, not at its first read."""
+    qtype = GGMLQuantizationType(t.tensor_type)
+    if not _dequantizable(qtype):
+        supported = [q.name for q in GGMLQuantizationType if _dequantizable(q)]
+        raise CheckpointError(path, t.name, f"ggml type {qtype.name} cannot be loaded as a weight; supported: {supported}")
 
 
 def _split_files(first: str) -> list[str]:

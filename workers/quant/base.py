@@ -242,6 +242,12 @@ def _read_part(source: CheckpointSource, spec: LinearSpec, t: TensorSpec, i: int
             f"{t.name} {t.dims}), found {found}; a padded or differently packed tensor is not this format's",
         )
     value = source.read(name, dim=dim, start=start, length=length)
+    if t.dtype is not None and t.dtype.is_floating_point and not value.dtype.is_floating_point:
+        raise CheckpointError(
+            source.file_of(name), name,
+            f"expected a float dtype for {spec.prefix} (as {owner} declares {t.name}), found {value.dtype}; "
+            f"an integer tensor here is a quantized checkpoint this format does not read",
+        )
     if dim is None:
         value = value.reshape(full)
     if t.rank0_only and not spec.first_k_slice:
