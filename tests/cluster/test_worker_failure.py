@@ -8,13 +8,18 @@ import os
 import signal
 import time
 
+import pytest
 import ray
 
 from shardserve import LLM, SamplingParams
+from tests.fixtures.tiny_models import make_tiny
 
-LONG = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
-PROMPT = "Once upon a time"
-WAIT_S = 240.0  # bound on any wait below: load + rebuild of SmolLM2 on 2 shared cores
+# the tiny random llama (4 heads, 2 KV heads, context 512): loads in seconds, decodes in milliseconds, so a
+# long generation is still running when its worker is killed
+LONG = SamplingParams(max_tokens=480, temperature=0, ignore_eos=True)
+PROMPT = {"prompt_token_ids": [5, 17, 42, 9]}
+WAIT_S = 240.0  # bound on any wait below: load + rebuild on 2 shared cores
+ENGINE = dict(device="cpu", kv_cache_memory_gb=0.05, cpu_threads_per_worker=1)
 
 
 def _health(llm: LLM) -> dict:
@@ -26,7 +31,7 @@ def _wait(cond, what: str, timeout: float = WAIT_S) -> None:
     while time.monotonic() < deadline:
         if cond():
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
@@ -42,16 +47,25 @@ def _live_placement_groups() -> int:
     return sum(pg["state"] != "REMOVED" for pg in ray.util.placement_group_table().values())
 
 
-def test_killed_rank_is_rebuilt_and_its_request_retried(ray_session, smollm2_path):
-    """TP=3: SIGKILL rank 1 mid-decode. The request finishes with the tokens an undisturbed run gives; the
+@pytest.fixture
+def tiny(cache_dir) -> str:
+    return make_tiny("llama", cache_dir)
+
+
+def _complete(llm: LLM, request_id: str, params: SamplingParams = LONG):
+    return llm.router.complete.remote(request_id, params, prompt=PROMPT["prompt_token_ids"])
+
+
+def test_killed_rank_is_rebuilt_and_its_request_retried(ray_session, tiny):
+    """TP=2: SIGKILL rank 1 mid-decode (rank 0 is then blocked in a collective). The request finishes with the tokens an undisturbed run gives; the
     replica is unhealthy while rebuilt (no replica can serve: health not ok), then serves again; the dead
     group's placement group is gone."""
     pgs_before = _live_placement_groups()
-    with LLM(smollm2_path, tp_size=3, device="cpu", kv_cache_memory_gb=0.1, cpu_threads_per_worker=1) as llm:
+    with LLM(tiny, tp_size=2, **ENGINE) as llm:
         expected = llm.generate([PROMPT], LONG)[0].outputs[0].token_ids
         old_pid = _pid(llm, 0, 1)
         before = llm.stats()["generation_tokens"]
-        ref = llm.router.complete.remote("victim", LONG, prompt=PROMPT)
+        ref = _complete(llm, "victim")
         _wait_tokens(llm, before + 5)  # into decode
         os.kill(old_pid, signal.SIGKILL)
         _wait(lambda: not _health(llm)["ok"], "the replica to be marked unhealthy", timeout=60)
@@ -73,11 +87,10 @@ def test_killed_rank_is_rebuilt_and_its_request_retried(ray_session, smollm2_pat
     assert _live_placement_groups() == pgs_before
 
 
-def test_second_failure_fails_the_request_explicitly(ray_session, smollm2_path):
+def test_second_failure_fails_the_request_explicitly(ray_session, tiny):
     """A request is retried once: killing its new replica's worker too fails it with the reason, promptly."""
-    with LLM(smollm2_path, device="cpu", kv_cache_memory_gb=0.1, cpu_threads_per_worker=1) as llm:
-        params = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
-        ref = llm.router.complete.remote("victim", params, prompt=PROMPT)
+    with LLM(tiny, **ENGINE) as llm:
+        ref = _complete(llm, "victim")
         _wait_tokens(llm, 5)
         os.kill(_pid(llm, 0, 0), signal.SIGKILL)
         _wait(lambda: llm.stats()["replica_rebuilds"] == 1, "the rebuild")
@@ -90,16 +103,16 @@ def test_second_failure_fails_the_request_explicitly(ray_session, smollm2_path):
         assert last.finish_reason == "error"
         assert "failed again after a retry" in last.error and "died" in last.error
         _wait(lambda: _health(llm)["ok"], "the second rebuild")
-        assert llm.generate(["Hello"], SamplingParams(max_tokens=4))[0].outputs[0].finish_reason == "length"
+        assert llm.generate([PROMPT], SamplingParams(max_tokens=4))[0].outputs[0].finish_reason == "length"
 
 
-def test_dp2_moves_requests_off_a_dead_replica(ray_session, smollm2_path):
+def test_dp2_moves_requests_off_a_dead_replica(ray_session, tiny):
     """Two replicas: replica 0's worker dies mid-decode; its requests finish on replica 1 with the same
     tokens, new requests avoid the dead replica (it holds no requests, so least-loaded used to pick it), and
     health stays ok throughout."""
-    with LLM(smollm2_path, dp_size=2, device="cpu", kv_cache_memory_gb=0.1, cpu_threads_per_worker=1) as llm:
+    with LLM(tiny, dp_size=2, **ENGINE) as llm:
         expected = llm.generate([PROMPT], LONG)[0].outputs[0].token_ids
-        refs = [llm.router.complete.remote(f"r{i}", LONG, prompt=PROMPT) for i in range(2)]  # one per replica
+        refs = [_complete(llm, f"r{i}") for i in range(2)]  # one per replica
         before = llm.stats()["generation_tokens"]
         _wait_tokens(llm, before + 10)
         os.kill(_pid(llm, 0, 0), signal.SIGKILL)
