@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import sys
 
 from shardserve.cluster.config import EngineConfig
+from shardserve.cluster.server import MAX_BODY_BYTES
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -20,6 +22,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-fraction-static", type=float, default=0.85)
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size on CPU")
     p.add_argument("--max-running-requests", dest="max_num_seqs", type=int, default=64)
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests waiting to run, past which new ones get 503 + Retry-After")
+    p.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=None,
+                   help="seconds a request may run before it ends with an error")
     p.add_argument("--chunked-prefill-size", dest="max_num_batched_tokens", type=int, default=2048)
     p.add_argument("--context-length", dest="max_model_len", type=int, default=None)
     p.add_argument("--page-size", dest="block_size", type=int, default=16)
@@ -39,6 +45,7 @@ def _config(args: argparse.Namespace) -> EngineConfig:
 
 
 def serve(args: argparse.Namespace) -> None:
+    import ray
     import uvicorn
 
     from shardserve.cluster.launch import start_router
@@ -47,7 +54,19 @@ def serve(args: argparse.Namespace) -> None:
     cfg = _config(args)
     router, info = start_router(cfg, name="shardserve-router")
     logging.getLogger("shardserve").info("serving %s on http://%s:%d (%s)", cfg.model_name, args.host, args.port, info)
-    uvicorn.run(create_app(router, cfg.model_name, args.api_key), host=args.host, port=args.port, log_level="info")
+    app = create_app(router, cfg.model_name, args.api_key, max_body_bytes=args.max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        # SIGTERM: uvicorn has stopped accepting and let the requests in flight finish (within the grace
+        # period); the router releases the workers and placement groups, so a shared cluster keeps nothing of ours
+        logging.getLogger("shardserve").info("drained; releasing the workers")
+        await router.shutdown.remote()
+        ray.kill(router)
+
+    app.router.lifespan_context = lifespan
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.shutdown_grace_s)
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -72,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=30000)
     s.add_argument("--api-key", default=None)
+    s.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get a 413")
+    s.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                   help="on SIGTERM, how long requests in flight may take to finish")
     s.set_defaults(func=serve)
     g = sub.add_parser("generate", help="generate from prompts given on the command line")
     _engine_args(g)

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardserve.cluster.protocol import ChatCompletionRequest, CompletionRequest
 from shardserve.router.outputs import Delta
@@ -25,6 +26,7 @@ from shardserve.router.sampling_params import RequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 8 * 2**20  # the default request-body limit: far above any prompt that fits a context
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client still waits
 
 
@@ -79,6 +81,60 @@ class _ServerErrors:
             await response(scope, receive, send)
 
 
+class _BodyLimit:
+    """Refuses a body over `max_bytes` with an OpenAI-shaped 413, by its Content-Length or, for a chunked body,
+    as it arrives. Reads the body whole before the app runs, then hands it on; later `receive` calls go to
+    the client's own, so that a disconnect is still seen."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = error_response(413, f"the request body exceeds this server's limit of {self.max_bytes} bytes", kind="invalid_request_error")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_big(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                chunks = None
+                first = message
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_big(scope, receive, send)
+            more = message.get("more_body", False)
+        if chunks is not None:
+            first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return first
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _param(loc) -> str | None:
+    """A pydantic error location as the field's path, `messages[0].role`: no `body` head, no union members."""
+    parts = ""
+    for x in loc[1:]:
+        if isinstance(x, int):
+            parts += f"[{x}]"
+        elif isinstance(x, str) and x.isidentifier() and x not in {"str", "int", "float", "bool", "list", "dict"}:
+            parts += f".{x}" if parts else x
+        else:
+            break  # a union member's tag (`list[int]`, `function-after[...]`): the field is named already
+    return parts or None
+
+
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -90,11 +146,12 @@ class _Metrics:
         }
 
 
-def create_app(router, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(router, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="shardserve", version="0.1.0")
     metrics = _Metrics()
     if api_key:
         app.add_middleware(_ApiKey, api_key=api_key)
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(_ServerErrors)
 
     @app.exception_handler(RequestValidationError)
@@ -102,8 +159,22 @@ def create_app(router, model_name: str, api_key: str | None = None) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":  # loc is then a byte offset, not a field
             return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
-        loc = ".".join(str(x) for x in first.get("loc", [])[1:]) or None
-        return error_response(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", param=loc)
+        loc = _param(first.get("loc", []))
+        msg = first.get("msg", "invalid request").removeprefix("Value error, ")
+        if first.get("type") == "model_attributes_type" and loc is None:
+            msg = "the body must be a JSON object (with Content-Type: application/json)"
+        return error_response(400, f"{loc or 'body'}: {msg}", param=loc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # Starlette's own 404/405 and FastAPI's body-parsing 400 (invalid UTF-8), in OpenAI's shape
+        if exc.status_code == 404:
+            return error_response(404, f"no route {request.method} {request.url.path}", kind="not_found_error")
+        if exc.status_code == 405:
+            return error_response(405, f"method {request.method} is not allowed on {request.url.path}")
+        if exc.status_code == 400:  # FastAPI could not decode the body: not UTF-8, say
+            return error_response(400, f"the body is not valid JSON text (UTF-8): {exc.detail}")
+        return error_response(exc.status_code, str(exc.detail))
 
     @app.get("/health")
     async def health():
@@ -194,7 +265,10 @@ class _Handler:
         except RequestError as e:
             self._abort()
             status = getattr(e, "status", 400)  # the router's Unavailable is a 503
-            return error_response(status, str(e), e.param, "invalid_request_error" if status < 500 else "server_error")
+            response = error_response(status, str(e), e.param, "invalid_request_error" if status < 500 else "server_error")
+            if hasattr(e, "retry_after_s"):
+                response.headers["Retry-After"] = str(e.retry_after_s)
+            return response
         except _GenerationFailed as e:
             self._abort()
             return error_response(500, f"generation failed: {e}", kind="server_error")

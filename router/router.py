@@ -25,9 +25,10 @@ HEALTH_CHECK_S = 5.0  # an idle replica pings its workers this often
 
 
 class Unavailable(RequestError):
-    """No replica can serve now (all are being rebuilt, or down): HTTP 503."""
+    """No replica can serve now (all are being rebuilt, or down), or the queue is full: HTTP 503."""
 
     status = 503
+    retry_after_s = 1
 
 
 @dataclass
@@ -125,14 +126,24 @@ class Router:
         loop = self._choose()
         if loop is None:
             raise Unavailable("no replica can serve now (being rebuilt after a worker failure); retry shortly")
+        bound = self.cfg.max_queued_requests
+        if bound is not None and self._queued() >= bound:
+            raise Unavailable(f"the server is overloaded: {bound} requests wait to run already; retry shortly")
         queue: asyncio.Queue = asyncio.Queue()
         loop.core.add_request(request_id, ids, params)  # raises RequestError before anything is queued
         self.streams[request_id], self.owner[request_id] = queue, loop
         loop.wakeup.set()
         remaining = params.n
+        timeout = self.cfg.request_timeout_s
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         try:
             while remaining:
-                delta: Delta = await queue.get()
+                try:
+                    delta: Delta = await asyncio.wait_for(queue.get(), self._left(deadline))
+                except asyncio.TimeoutError:  # ends every unfinished sequence with an error delta, queued
+                    self.abort(request_id, error=f"the request timed out after {timeout:g}s (--request-timeout)")
+                    deadline = None
+                    continue
                 if delta.finish_reason is not None:
                     remaining -= 1
                 yield delta
@@ -147,20 +158,31 @@ class Router:
         """Non-streaming: all deltas of the request at once."""
         return [d async for d in self.generate(request_id, params, prompt, messages)]
 
-    def abort(self, request_id: str) -> None:
+    def _queued(self) -> int:
+        """Sequences admitted and not yet running, over all replicas (requests held for a rebuild included)."""
+        return sum(len(lp.core.scheduler.waiting) + len(lp.held) for lp in self.loops)
+
+    @staticmethod
+    def _left(deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+
+    def abort(self, request_id: str, error: str | None = None) -> None:
+        """End the request's unfinished sequences: "abort", or "error" with the reason when `error` is given."""
         loop = self.owner.get(request_id)
         if loop is None:
             return
         held = loop.held.pop(request_id, None)
         if held is not None:
+            deltas = [Delta(request_id, s.index, "", [], finish_reason="abort") for s in held if s.finish_reason is None]
             for seq in held:
-                if seq.finish_reason is None:
-                    seq.finish_reason = "abort"
-                    self._emit(Delta(request_id, seq.index, "", [], finish_reason="abort"))
-            return
-        for d in loop.core.abort(request_id):
+                seq.finish_reason = seq.finish_reason or "abort"
+        else:
+            deltas = loop.core.abort(request_id)
+            loop.wakeup.set()  # the freed blocks may admit a waiting sequence
+        for d in deltas:
+            if error is not None:
+                d.finish_reason, d.error = "error", error
             self._emit(d)
-        loop.wakeup.set()  # the freed blocks may admit a waiting sequence
 
     def _emit(self, delta: Delta) -> None:
         queue = self.streams.get(delta.request_id)
