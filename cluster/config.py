@@ -33,7 +33,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0
     mem_fraction_static: float = 0.85
     max_num_seqs: int = 64
-    # requests admitted but not yet running, over all replicas; past it new requests get a 503 with Retry-After
+    # sequences (a request of n counts n) admitted but not yet running, over all replicas; past it new requests get a 503 with Retry-After
     # at once (SGLang's --max-queued-requests): memory stays bounded under overload. None: no bound
     max_queued_requests: int | None = 256
     request_timeout_s: float | None = None  # a request still generating after this long ends with an error

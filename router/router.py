@@ -128,7 +128,7 @@ class Router:
             raise Unavailable("no replica can serve now (being rebuilt after a worker failure); retry shortly")
         bound = self.cfg.max_queued_requests
         if bound is not None and self._queued() >= bound:
-            raise Unavailable(f"the server is overloaded: {bound} requests wait to run already; retry shortly")
+            raise Unavailable(f"the server is overloaded: {bound} sequences wait to run already; retry shortly")
         queue: asyncio.Queue = asyncio.Queue()
         loop.core.add_request(request_id, ids, params)  # raises RequestError before anything is queued
         self.streams[request_id], self.owner[request_id] = queue, loop
