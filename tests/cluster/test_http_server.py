@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -64,26 +65,33 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=SHUTDOWN_S)
 
 
-@pytest.fixture(scope="module")
-def server(ray_session, tmp_path_factory) -> Iterator[str]:
-    # Join the session's own Ray explicitly: left to `address="auto"`, the server would join whichever local
-    # cluster started last, possibly another run's with no CPU left for its worker.
+@contextlib.contextmanager
+def serve_process(ray_session, tmp_path_factory, flags: str) -> Iterator[tuple[subprocess.Popen, str, str]]:
+    """A `shardserve serve` subprocess on 127.0.0.1 with `flags` added, healthy; yields (process, url, log path)
+    and stops it after (unless a test already did).
+
+    It joins the session's own Ray explicitly: left to `address="auto"`, the server would join whichever local
+    cluster started last, possibly another run's with no CPU left for its worker."""
     gcs_address = ray_session.get_runtime_context().gcs_address
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = str(tmp_path_factory.mktemp("server") / "serve.log")
-    flags = (
-        f"serve --host 127.0.0.1 --port {port} --kv-cache-memory-gb 0.25 --api-key {API_KEY} "
-        f"--context-length {CONTEXT} --ray-address {gcs_address}"
-    )
-    cmd = [os.path.join(os.path.dirname(sys.executable), "shardserve"), *flags.split()]
+    args = f"serve --host 127.0.0.1 --port {port} --kv-cache-memory-gb 0.25 --ray-address {gcs_address} {flags}"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "shardserve"), *args.split()]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_healthy(proc, url, log_path)
-        yield url
+        yield proc, url, log_path
     finally:
-        _stop(proc)
+        if proc.poll() is None:
+            _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory) -> Iterator[str]:
+    with serve_process(ray_session, tmp_path_factory, f"--api-key {API_KEY} --context-length {CONTEXT}") as (_, url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -5,40 +5,24 @@ request in flight before the server releases its workers and exits."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests.cluster.test_http_server import MODEL, _free_port, _log_tail, _metrics, _stop, _wait_healthy
+from tests.cluster.test_http_server import MODEL, _log_tail, _metrics, serve_process
 
 TIMEOUT_S = 30  # --request-timeout: longer than any request here but the one meant to pass it
 
 
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = str(tmp_path_factory.mktemp("overload") / "serve.log")
-    flags = (
-        f"serve --host 127.0.0.1 --port {port} --kv-cache-memory-gb 0.25 --max-running-requests 1 "
-        f"--max-queued-requests 1 --request-timeout {TIMEOUT_S} --shutdown-grace-s 60 "
-        f"--ray-address {ray_session.get_runtime_context().gcs_address}"
-    )
-    cmd = [os.path.join(os.path.dirname(sys.executable), "shardserve"), *flags.split()]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_healthy(proc, url, log_path)
-        yield proc, url, log_path
-    finally:
-        if proc.poll() is None:
-            _stop(proc)
+    flags = (f"--max-running-requests 1 --max-queued-requests 1 --request-timeout {TIMEOUT_S} "
+             "--shutdown-grace-s 60")
+    with serve_process(ray_session, tmp_path_factory, flags) as served:
+        yield served
 
 
 def _idle(url: str) -> dict[str, float]:
