@@ -114,6 +114,13 @@ class Router:
         serving = [lp for lp in self.loops if lp.serving]
         return min(serving, key=lambda lp: len(lp.core.requests)) if serving else None
 
+    def _serving(self) -> _ReplicaLoop:
+        """The replica a new request or score goes to; Unavailable (503) while none serves."""
+        loop = self._choose()
+        if loop is None:
+            raise Unavailable("no replica can serve now (being rebuilt after a worker failure); retry shortly")
+        return loop
+
     async def generate(
         self,
         request_id: str,
@@ -123,9 +130,7 @@ class Router:
     ) -> AsyncIterator[Delta]:
         """Stream the request's deltas until every one of its n sequences finishes."""
         ids, _ = self.encode_prompt(prompt, messages)
-        loop = self._choose()
-        if loop is None:
-            raise Unavailable("no replica can serve now (being rebuilt after a worker failure); retry shortly")
+        loop = self._serving()
         bound = self.cfg.max_queued_requests
         if bound is not None and self._queued() >= bound:
             raise Unavailable(f"the server is overloaded: {bound} sequences wait to run already; retry shortly")
@@ -288,9 +293,7 @@ class Router:
     async def score(self, token_ids: list[int]):
         """Teacher-forced logits of a token sequence on a serving replica (evaluation, equivalence tests);
         serialized with that replica's steps so that their collectives never interleave."""
-        loop = self._choose()
-        if loop is None:
-            raise Unavailable("no replica can serve now (being rebuilt after a worker failure); retry shortly")
+        loop = self._serving()
         async with loop.lock:
             return await loop.replica.score(token_ids)
 
