@@ -132,7 +132,7 @@ def bench_engine(name: str, run: Runner, args: argparse.Namespace) -> EngineResu
 # ---- engines -------------------------------------------------------------------------------------
 
 
-def run_shardserve(args: argparse.Namespace) -> EngineResult:
+def run_shardserve(args: argparse.Namespace, dequantize: bool = False) -> EngineResult:
     import ray
 
     from shardserve import LLM, SamplingParams
@@ -144,7 +144,7 @@ def run_shardserve(args: argparse.Namespace) -> EngineResult:
         tp_size=1,
         device="cpu",
         cpu_threads_per_worker=args.threads,
-        cpu_int4_kernel=args.cpu_int4_kernel,
+        gguf_dequantize=dequantize,
         kv_cache_memory_gb=0.5,
         max_num_seqs=max(16, args.concurrency),
     )
@@ -154,7 +154,7 @@ def run_shardserve(args: argparse.Namespace) -> EngineResult:
         return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params))
 
     try:
-        result = bench_engine("shardserve", run, args)
+        result = bench_engine("shardserve-dequantized" if dequantize else "shardserve", run, args)
     finally:
         llm.shutdown()
         ray.shutdown()
@@ -218,7 +218,12 @@ def run_hf(args: argparse.Namespace) -> EngineResult:
     return result
 
 
-ENGINES = {"shardserve": run_shardserve, "llama.cpp": run_llama_cpp, "transformers": run_hf}
+ENGINES = {
+    "shardserve": run_shardserve,  # GGUF kept quantized (the default)
+    "shardserve-dequantized": lambda args: run_shardserve(args, dequantize=True),  # --gguf-dequantize
+    "llama.cpp": run_llama_cpp,
+    "transformers": run_hf,
+}
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -227,7 +232,7 @@ ENGINES = {"shardserve": run_shardserve, "llama.cpp": run_llama_cpp, "transforme
 def ratios(results: dict[str, EngineResult]) -> dict[str, float]:
     out = {}
     ours = results.get("shardserve")
-    for peer in ("llama.cpp", "transformers"):
+    for peer in ("shardserve-dequantized", "llama.cpp", "transformers"):
         if ours is None or peer not in results:
             continue
         for kind in ("batch1", "concurrent"):
@@ -283,7 +288,6 @@ def main(argv: list[str] | None = None) -> None:
         "--concurrent-tokens", type=int, default=64, help="decode tokens measured per concurrent sequence"
     )
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
-    p.add_argument("--cpu-int4-kernel", action="store_true", help="shardserve: Q4_0/Q4_1 weights in the bf16 int4 kernel")
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
     args.model_path = args.model_path or default_model_path()

@@ -35,8 +35,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--cpu-threads-per-worker", type=int, default=None)
-    p.add_argument("--cpu-int4-kernel", action="store_true",
-                   help="CPU: keep GGUF Q4_0/Q4_1 weights 4-bit, matmul in bf16 (faster, rounds activations to bf16)")
+    p.add_argument("--gguf-dequantize", action="store_true",
+                   help="GGUF: dequantize weights to the compute dtype at load instead of keeping them quantized")
 
 
 def _config(args: argparse.Namespace) -> EngineConfig:
@@ -54,7 +54,8 @@ def serve(args: argparse.Namespace) -> None:
     cfg = _config(args)
     router, info = start_router(cfg, name="shardserve-router")
     logging.getLogger("shardserve").info("serving %s on http://%s:%d (%s)", cfg.model_name, args.host, args.port, info)
-    app = create_app(router, cfg.model_name, args.api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(router, cfg.model_name, args.api_key, max_body_bytes=args.max_body_bytes,
+                     metrics_auth=args.enable_metrics_auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     _engine_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=30000)
-    s.add_argument("--api-key", default=None)
+    s.add_argument("--api-key", default=None, help="required on every route but /health and /metrics")
+    s.add_argument("--enable-metrics-auth", action="store_true",
+                   help="with --api-key, /metrics needs the key too (default: Prometheus scrapes it without)")
     s.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get a 413")
     s.add_argument("--shutdown-grace-s", type=float, default=30.0,
                    help="on SIGTERM, how long requests in flight may take to finish")

@@ -42,9 +42,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_expert_parallel: bool = False  # MoE: partition experts over the TP ranks instead of splitting each
     cpu_threads_per_worker: int | None = None  # None: cores / (tp * dp)
-    # CPU: keep GGUF Q4_0/Q4_1 linear weights 4-bit and matmul them in ATen's bf16 int4 kernel (~5x faster
-    # linears at batch 1, bf16 rounding: mean KL ~3e-4 vs the fp32 dequantized weights); off: dequantize at load
-    cpu_int4_kernel: bool = False
+    # GGUF: dequantize every weight into the compute dtype at load (SGLang's behaviour: more memory), instead of
+    # keeping the integer types quantized in the device's kernel layout (workers/quant/gguf.py)
+    gguf_dequantize: bool = False
     seed: int = 0
     served_model_name: str | None = None
     ray_address: str | None = None  # None: start (or join) a local Ray

@@ -55,7 +55,7 @@ class Replica:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r), **opts
             ).remote(
                 cfg.model_path, self.device, cfg.dtype, cfg.quantization, r, cfg.tp_size, cfg.enable_expert_parallel,
-                cfg.cpu_int4_kernel,
+                cfg.gguf_dequantize,
             )
             for r in range(cfg.tp_size)
         ]

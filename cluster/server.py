@@ -39,14 +39,16 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
 
 
 class _ApiKey:
-    """Refuses /v1/ calls without the key. Plain ASGI, not `@app.middleware`: behind Starlette's
+    """Refuses every route without the key but /health and, unless `metrics_auth`, /metrics (SGLang exempts both,
+    so that probes and Prometheus need no secret). Plain ASGI, not `@app.middleware`: behind Starlette's
     BaseHTTPMiddleware an endpoint never sees its client disconnect (`Request.is_disconnected` stays false)."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_key: str, metrics_auth: bool = False):
         self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.open = {"/health"} if metrics_auth else {"/health", "/metrics"}
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"] not in self.open:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):  # constant time: no timing oracle on the key
                 response = error_response(401, "invalid or missing API key", kind="authentication_error")
@@ -146,11 +148,13 @@ class _Metrics:
         }
 
 
-def create_app(router, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(
+    router, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, metrics_auth: bool = False
+) -> FastAPI:
     app = FastAPI(title="shardserve", version="0.1.0")
     metrics = _Metrics()
     if api_key:
-        app.add_middleware(_ApiKey, api_key=api_key)
+        app.add_middleware(_ApiKey, api_key=api_key, metrics_auth=metrics_auth)
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(_ServerErrors)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -57,11 +58,12 @@ class Worker:
         rank: int,
         tp_size: int,
         enable_expert_parallel: bool = False,
-        cpu_int4_kernel: bool = False,
+        gguf_dequantize: bool = False,
     ):
         self.enable_expert_parallel = enable_expert_parallel
         self.model_path, self.rank, self.tp_size = model_path, rank, tp_size
-        self.backend = get_backend(device, cpu_int4_kernel)
+        self.backend = get_backend(device)
+        self.gguf_dequantize = gguf_dequantize
         self.dtype = self.backend.default_dtype() if dtype == "auto" else _DTYPES[dtype]
         self.quantization = quantization
         self.model = None
@@ -88,11 +90,13 @@ class Worker:
         t0 = time.perf_counter()
         source, cfg = open_checkpoint(self.model_path)
         cfg.enable_expert_parallel = self.enable_expert_parallel
-        quant = detect(self.model_path, self.quantization)
+        quant = detect(self.model_path, self.quantization, gguf_dequantize=self.gguf_dequantize)
         model = model_class(cfg.architecture)(cfg, quant, tp, self.backend.ops, self.dtype)
         model.load(source, progress=self._progress)
         check_consumed(source, cfg)
         self.model = model.to(self.device)
+        del source  # unmaps the checkpoint; then hand the load's freed temporaries back to the OS
+        _release_free_memory()
         self.cfg = cfg
         return {
             "rank": self.rank,
@@ -103,6 +107,9 @@ class Worker:
         }
 
     def _progress(self, done: int, total: int) -> None:
+        """After each decoder layer: its decoding temporaries go back to the OS (else they pile up in the heap:
+        the peak of a kept-quantized load), and rank 0 logs a quarter at a time."""
+        _release_free_memory()
         if self.rank == 0 and (done == total or done % max(1, total // 4) == 0):
             logger.info("loading %s: layer %d/%d", self.model_path, done, total)
 
@@ -131,3 +138,11 @@ class Worker:
 
     def ping(self) -> int:
         return self.rank
+
+
+def _release_free_memory() -> None:
+    """glibc keeps freed heap pages (the load's decoded blocks) resident until asked: malloc_trim returns them."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass

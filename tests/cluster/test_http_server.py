@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -260,6 +261,55 @@ def test_metrics_counts_requests(http):
 def test_missing_api_key_is_401(server):
     r = httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": QUESTION}, timeout=30)
     assert _assert_error(r, 401)["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/openapi.json", "/docs", "/no-such-route"])
+def test_api_key_guards_every_route_but_health_and_metrics(server, path):
+    assert httpx.get(f"{server}/health", timeout=30).status_code == 200
+    assert httpx.get(f"{server}/metrics", timeout=30).status_code == 200  # Prometheus scrapes without the key
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": API_KEY}):
+        r = httpx.get(f"{server}{path}", headers=headers, timeout=30)
+        assert _assert_error(r, 401)["type"] == "authentication_error"  # an unknown route too: no 404 without the key
+    assert httpx.get(f"{server}{path}", headers=AUTH, timeout=30).status_code == (404 if path == "/no-such-route" else 200)
+
+
+class _Awaitable:
+    """`handle.method.remote()` of a Ray actor, answering `value`."""
+
+    def __init__(self, value):
+        self.value = value
+
+    async def _ready(self):
+        return self.value
+
+    def remote(self):
+        return self._ready()
+
+
+class _IdleRouter:
+    """The router surface /health and /metrics use, idle."""
+
+    health = _Awaitable({"ok": True, "replicas": ["serving"]})
+    stats = _Awaitable({"running": 0, "waiting": 0, "free_blocks": 8, "total_blocks": 8})
+
+
+@pytest.mark.parametrize("metrics_auth", [False, True])
+def test_enable_metrics_auth_puts_metrics_behind_the_key(metrics_auth):
+    """`--enable-metrics-auth` (create_app's metrics_auth): /metrics needs the key too; /health never does."""
+    from shardserve.cluster.server import create_app
+
+    async def get(path: str, headers: dict) -> httpx.Response:
+        app = create_app(_IdleRouter(), MODEL, api_key=API_KEY, metrics_auth=metrics_auth)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return await c.get(path, headers=headers)
+
+    assert asyncio.run(get("/health", {})).status_code == 200
+    assert asyncio.run(get("/metrics", AUTH)).text.count("shardserve_free_blocks 8.0") == 1
+    unauthenticated = asyncio.run(get("/metrics", {}))
+    if metrics_auth:
+        assert _assert_error(unauthenticated, 401)["type"] == "authentication_error"
+    else:
+        assert unauthenticated.status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -113,8 +113,9 @@ def test_every_tensor_moves_with_the_model(meta_worker):
 
 def test_tied_lm_head_shares_the_moved_embedding(cache_dir, smollm2_path):
     """`.to()` copies each buffer once per module that holds it: a head that kept its own reference to the
-    embedding's tensor would get a second copy on the device (twice the memory, and no longer tied)."""
-    worker = Worker(smollm2_path, "cpu", "float32", None, rank=0, tp_size=1)
+    embedding's tensor would get a second copy on the device (twice the memory, and no longer tied). Float
+    weights (--gguf-dequantize): kept quantized, the CPU head holds its own kernel layout by design."""
+    worker = Worker(smollm2_path, "cpu", "float32", None, rank=0, tp_size=1, gguf_dequantize=True)
     worker.backend = dataclasses.replace(worker.backend, name="meta")
     worker.init("127.0.0.1", 0)
     model = worker.model

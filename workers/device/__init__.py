@@ -33,9 +33,5 @@ def resolve_device(name: str) -> str:
     return "cpu"
 
 
-def get_backend(name: str, cpu_int4_kernel: bool = False) -> DeviceBackend:
-    """`cpu_int4_kernel`: on CPU, matmul GGUF Q4_0/Q4_1 weights in ATen's bf16 int4 kernel (see cpu.CpuOps)."""
-    device = resolve_device(name)
-    if device == "cpu":
-        return _module("cpu").backend(int4_kernel=cpu_int4_kernel)
-    return _module(device).backend()
+def get_backend(name: str) -> DeviceBackend:
+    return _module(resolve_device(name)).backend()

@@ -3,7 +3,7 @@ and are the numerical reference the NPU table is checked against."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +30,25 @@ class AttentionMetadata:
     # some sequence feeds more than one token (max_q > 1): schemes such as ModelSlim W8A8_MIX quantize
     # activations per token while prefilling and with static scales while decoding
     is_prefill: bool
+    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """attn_mask limited to the last `window` keys of each query (itself included): a query at position p sees
+        keys p - window < j <= p, transformers' sliding_window_overlay and llama.cpp's LLAMA_SWA_TYPE_STANDARD.
+        Built once per step and window, on the mask's device."""
+        if window not in self._window_masks:
+            dev = self.attn_mask.device
+            i = torch.arange(self.max_q, device=dev).view(1, -1, 1)
+            j = torch.arange(self.max_k, device=dev).view(1, 1, -1)
+            first = (self.context_lens - self.query_lens).view(-1, 1, 1)  # [B, 1, 1] position of the first query
+            mask = self.attn_mask & (j > first + i - window).unsqueeze(1)  # [B, 1, max_q, max_k]
+            empty = ~mask.any(-1, keepdim=True)  # padding rows: keep them one key, as attn_mask does
+            self._window_masks[window] = mask | (empty & (j == 0).unsqueeze(1))
+        return self._window_masks[window]
 
 
 class TorchOps(QuantOps):
     """Device-neutral torch ops (CPU, CUDA), the quantized matmuls (quant_ops.py) included."""
-
-    # whether int4_group_matmul is a kernel that beats a float matmul of the dequantized weight: quant methods
-    # keep int4 weights packed only then (the reference here dequantizes the whole weight at every call)
-    int4_kernel: bool = False
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
@@ -70,8 +81,10 @@ class TorchOps(QuantOps):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
-        """q [T, H, D] over each sequence's cached keys (GQA) -> [T, H, D]; one batched SDPA call."""
+        """q [T, H, D] over each sequence's cached keys (GQA) -> [T, H, D]; one batched SDPA call. `window`: each
+        query sees only its last `window` keys (sliding-window attention, AttentionMetadata.window_mask)."""
         T, H, D = q.shape
         B = meta.query_lens.shape[0]
         qp = q.new_zeros(B * meta.max_q, H, D).index_copy_(0, meta.pad_index, q)
@@ -79,7 +92,8 @@ class TorchOps(QuantOps):
         k = _gather(k_cache, meta)  # [B, Hkv, Mk, D]
         v = _gather(v_cache, meta)
         out = F.scaled_dot_product_attention(
-            qp, k, v, attn_mask=meta.attn_mask, scale=scale, enable_gqa=k.shape[1] != H
+            qp, k, v, attn_mask=meta.attn_mask if window is None else meta.window_mask(window), scale=scale,
+            enable_gqa=k.shape[1] != H,
         )  # [B, H, Mq, D]
         out = out.transpose(1, 2).reshape(B * meta.max_q, H, D)
         return out.index_select(0, meta.pad_index)
@@ -138,36 +152,6 @@ class TorchOps(QuantOps):
         """[.., 2I] -> [.., I]: silu(gate) * up, gate the first half."""
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
-
-    # ---- int4 weights with a scale and a zero per group of G along K (GGUF Q4_0 / Q4_1)
-    def pack_int4(self, q: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Once after loading: q [N, K] (uint8 or int32, values 0..15), scales_zeros [K/G, N, 2] float ->
-        (packed, scales_zeros) in this table's layout and dtype, for its int4_group_matmul and unpack_int4 only.
-
-        The reference packs two values a byte, [N, K/2] uint8 (even k in the low nibble), scales in float32.
-        """
-        q8 = q.to(torch.uint8)
-        return q8[:, 0::2] | (q8[:, 1::2] << 4), scales_zeros.float()
-
-    def unpack_int4(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-        """pack_int4's inverse: q [N, K] uint8 (K = G * rows of scales_zeros)."""
-        return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(1)  # [N, K/2, 2] -> [N, K]
-
-    def int4_group_matmul(
-        self, x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor
-    ) -> torch.Tensor:
-        """y [T, N] = x [T, K] @ w.T in x.dtype, w[n, k] = (q[n, k] - 8) * scale[k // G, n] + zero[k // G, n]
-        with (scale, zero) = scales_zeros[k // G, n] (the semantics of torch's _weight_int4pack_mm)."""
-        w = int4_dequantize(self.unpack_int4(packed, scales_zeros, group_size), scales_zeros, group_size)
-        return F.linear(x.float(), w).to(x.dtype)  # [T, K] @ [N, K].T
-
-
-def int4_dequantize(q: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """q [N, K] in 0..15, scales_zeros [K/G, N, 2] -> w [N, K] float32 = (q - 8) * scale + zero per group."""
-    N, K = q.shape
-    s, z = scales_zeros.float().permute(2, 1, 0).unsqueeze(-1)  # [N, K/G, 1] each
-    w = (q.reshape(N, K // group_size, group_size).float() - 8) * s + z  # [N, K/G, G]
-    return w.view(N, K)
 
 
 def _gather(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

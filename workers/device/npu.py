@@ -19,7 +19,7 @@ import os
 import torch
 
 from shardserve.workers.device.base import AttentionMetadata, DeviceBackend, TorchOps
-from shardserve.workers.device.quant_ops import WeightKind
+from shardserve.workers.device.quant_ops import GroupWeight, WeightKind, affine_to_offset
 
 VISIBLE_DEVICES = "ASCEND_RT_VISIBLE_DEVICES"
 MASK_SIZE = 2048  # fused attention's compressed causal mask for sparse_mode 2/3/4 is always 2048 x 2048
@@ -150,9 +150,11 @@ class NpuOps(TorchOps):
         )
 
     def paged_attention(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
-        """q [T, H, D] (sequences back to back) over the paged cache -> [T, H, D]."""
+        """q [T, H, D] (sequences back to back) over the paged cache -> [T, H, D]; `window`: each query sees its
+        last `window` keys only."""
         T, H, D = q.shape
         num_blocks, block_size, Hkv, _ = k_cache.shape
         q_ends, kv_lens, block_table = self._step_lengths(meta)
@@ -161,6 +163,12 @@ class NpuOps(TorchOps):
         # ends, actual_seq_lengths_kv = per-sequence context lengths, key/value = caches viewed [blocks, bs, Hkv*D],
         # block_table int32 [B, max_blocks], sparse_mode 3 (right-down causal) with the 2048 x 2048 upper-triangle
         # int8 mask (vllm-ascend attention/attention_mask.py get_splitfuse_attn_mask).
+        # A sliding window is [doc] sparse_mode 4 ("band", the same compressed mask) with pre_tokens / next_tokens
+        # counted from the right-down diagonal: query i sees keys i' - pre_tokens .. i' + next_tokens, i' its
+        # position. HF's window W is the query and the W - 1 keys before it, hence pre_tokens = W - 1. vllm-ascend
+        # passes its window unchanged (attention_v1.py, its sinks path); which count the kernel means, and whether
+        # it honours pre_tokens at Q_S 1 (the doc says it ignores it there), is checked against our emulation only.
+        band = {} if window is None else {"sparse_mode": 4, "pre_tokens": window - 1, "next_tokens": 0}
         out, _ = self.npu.npu_fused_infer_attention_score(
             q.contiguous(),
             k_cache.view(num_blocks, block_size, Hkv * D),
@@ -174,7 +182,7 @@ class NpuOps(TorchOps):
             num_heads=H,
             num_key_value_heads=Hkv,
             scale=scale,
-            sparse_mode=3,
+            **({"sparse_mode": 3} | band),
         )
         return out.view(T, H, D)
 
@@ -304,6 +312,40 @@ class NpuOps(TorchOps):
         return self.npu.npu_weight_quant_batchmatmul(
             x, w, antiquant_scale, antiquant_offset, antiquant_group_size=group_size
         )
+
+    # --- group-quantized weights (GGUF), contracts in quant_ops.py ------------------------------------------------
+    def pack_groups(
+        self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int, lookup: bool = False
+    ) -> GroupWeight:
+        """Layout "antiquant": int8 q for npu_weight_quant_batchmatmul (through weight_quant_matmul) with its
+        per-group antiquant scale and offset ([doc]: group a multiple of 32 in [32, K-1]), offset = -zero / scale
+        (quant_ops.affine_to_offset: one float32 division; the kernel then reads scale and offset in x's dtype,
+        bf16/fp16, which rounds them). Groups of 16 (Q2_K, Q3_K, Q6_K), stacked experts and lookups keep the
+        reference layout. Checked against our emulation of the documented semantics, not on an Ascend device."""
+        K = q.shape[-1]
+        if lookup or q.dim() != 2 or group % 32 or not 32 <= group <= K - 1:
+            return super().pack_groups(q, scale, zero, group, lookup)
+        q, scale, offset = affine_to_offset(q, scale.float(), None if zero is None else zero.float())
+        tensors = {"w": self.prepare_weight(q.to(torch.int8), "int8"), "scale": scale.contiguous()}
+        if offset is not None:
+            tensors["offset"] = offset.contiguous()
+        return GroupWeight("antiquant", tuple(q.shape), group, **tensors)
+
+    def group_matmul(self, x: torch.Tensor, w: GroupWeight) -> torch.Tensor:
+        if w.layout != "antiquant":
+            return super().group_matmul(x, w)
+        offset = getattr(w, "offset", None)
+        return self.weight_quant_matmul(
+            x, w.w, w.scale.to(x.dtype), None if offset is None else offset.to(x.dtype), group_size=w.group
+        )
+
+    def group_dequantize(self, w: GroupWeight) -> torch.Tensor:
+        if w.layout != "antiquant":
+            return super().group_dequantize(w)
+        q = w.w.t().float()  # prepare_weight("int8") stored (K, N)
+        s = w.scale.float().repeat_interleave(w.group, dim=-1)
+        offset = getattr(w, "offset", None)
+        return (q if offset is None else q - offset.float().repeat_interleave(w.group, dim=-1)) * s
 
     def mx_quant_matmul(self, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
         # Ascend 950 only. [yaml] npu_dynamic_mx_quant(input, *, axis=-1, round_mode="rint", dst_type, block_size=32,

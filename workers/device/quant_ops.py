@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 WeightKind = Literal["int8", "int4", "fp8"]
 
@@ -23,8 +25,61 @@ FP8_E4M3_EMAX = 8  # floor(log2(448)): MX scale = 2^(floor(log2 amax) - emax)
 FP8_E4M3_MAX = 448.0
 
 
+class GroupWeight(nn.Module):
+    """A group-quantized weight w [..., N, K] = q * scale + zero (per group of `group` values along K) in the layout
+    one op table's `pack_groups` chose; only that table's group_* ops read it. A module so that `.to()` moves its
+    tensors (buffers) with the layer that holds it.
+
+    Layout "groups" (the plain-torch reference, every table's fallback): q int8 [..., N, K], or two values a byte
+    [..., N, K/2] uint8 stored as q - lo when the values span at most 16 integers (`bits` 4); scale and zero
+    float32 [..., N, K/group] (zero absent when the format has none). Exact: it holds the checkpoint's values.
+    """
+
+    def __init__(self, layout: str, shape: tuple[int, ...], group: int, bits: int = 8, lo: int = 0, **tensors):
+        super().__init__()
+        self.layout, self.shape, self.group, self.bits, self.lo = layout, tuple(shape), group, bits, lo
+        for name, value in tensors.items():
+            self.register_buffer(name, value, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.layout}, shape={self.shape}, group={self.group}, bits={self.bits}"
+
+
 class QuantOps:
     """Mixin of an op table. Weights are symmetric (zero offsets folded or absent) except in weight_quant_matmul."""
+
+    # ---- group-quantized weights (GGUF): w = q * scale + zero per group along K ---------------------------------
+    def pack_groups(
+        self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int, lookup: bool = False
+    ) -> GroupWeight:
+        """Once after loading: q int8 [..., N, K], scale/zero float32 [..., N, K/group] -> this table's layout.
+        `lookup`: the weight is an embedding whose rows group_rows gathers (the reference layout, on every table).
+        The reference keeps the values exactly (layout "groups", 4-bit packed where they span 16 integers)."""
+        return pack_reference_groups(q, scale, zero, group)
+
+    def group_matmul(self, x: torch.Tensor, w: GroupWeight) -> torch.Tensor:
+        """y [T, N] = x [T, K] @ w.T in x.dtype, w [N, K] from pack_groups."""
+        return F.linear(x.float(), self.group_dequantize(w)).to(x.dtype)
+
+    def grouped_group_matmul(self, x: torch.Tensor, w: GroupWeight, group_counts: torch.Tensor) -> torch.Tensor:
+        """Rows of expert e of x [M, K] (sorted by expert) times w[e] of the stacked w [E, N, K] -> [M, N]; the
+        experts are dequantized into x.dtype, then one grouped_matmul of this table (rows past the groups
+        unspecified, as there)."""
+        return self.grouped_matmul(x, self.group_dequantize(w).to(x.dtype), group_counts)
+
+    def group_dequantize(self, w: GroupWeight) -> torch.Tensor:
+        """The effective weight float32 [..., N, K] of any layout this table packs (the test oracle's input)."""
+        if w.layout != "groups":
+            raise ValueError(f"{type(self).__name__} cannot read a {w.layout!r} GroupWeight (packed by another table)")
+        return _dequantize_groups(_reference_q(w), w.scale, getattr(w, "zero", None), w.group)
+
+    def group_rows(self, w: GroupWeight, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [T] of a lookup weight [N, K] (pack_groups(lookup=True)) -> float32 [T, K]."""
+        zero = getattr(w, "zero", None)
+        q = w.q.index_select(0, ids)
+        if w.bits == 4:
+            q = _unpack_nibbles(q, w.lo)
+        return _dequantize_groups(q, w.scale.index_select(0, ids), None if zero is None else zero.index_select(0, ids), w.group)
 
     def prepare_weight(self, w: torch.Tensor, kind: WeightKind) -> torch.Tensor:
         """Once after loading. w [N, K]: int8 (kind "int8"), int8 holding int4 values in [-8, 7] ("int4"),
@@ -141,6 +196,63 @@ class QuantOps:
         xd = mx_dequantize(x_q, x_exp)
         wd = mx_dequantize(w, w_scale.to(torch.int32) - 127)
         return (xd @ wd.T).to(x.dtype)
+
+
+def pack_reference_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> GroupWeight:
+    """The "groups" layout: values spanning at most 16 integers two a byte (even k in the low nibble)."""
+    lo, hi = int(q.min()), int(q.max())
+    tensors = {"scale": scale.float().contiguous()}
+    if zero is not None:
+        tensors["zero"] = zero.float().contiguous()
+    if hi - lo < 16 and q.shape[-1] % 2 == 0:
+        u = (q.to(torch.int16) - lo).to(torch.uint8)
+        packed = u[..., 0::2] | (u[..., 1::2] << 4)
+        return GroupWeight("groups", tuple(q.shape), group, bits=4, lo=lo, q=packed.contiguous(), **tensors)
+    return GroupWeight("groups", tuple(q.shape), group, q=q.to(torch.int8).contiguous(), **tensors)
+
+
+def unpack_reference_groups(w: GroupWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """The "groups" layout's exact pieces back: (q int8, scale, zero or None, group), to repack for a kernel."""
+    if w.layout != "groups":
+        raise ValueError(f"only the reference 'groups' layout can be unpacked, not {w.layout!r}")
+    return _reference_q(w).to(torch.int8), w.scale, getattr(w, "zero", None), w.group
+
+
+def _unpack_nibbles(packed: torch.Tensor, lo: int) -> torch.Tensor:
+    """[..., K/2] uint8 -> [..., K] int16 values (+ lo)."""
+    u = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+    return u.to(torch.int16) + lo
+
+
+def _reference_q(w: GroupWeight) -> torch.Tensor:
+    return _unpack_nibbles(w.q, w.lo) if w.bits == 4 else w.q
+
+
+def _dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> torch.Tensor:
+    """q [..., K] integers, scale/zero [..., K/group] -> float32 q * scale + zero (gguf-py's order of operations)."""
+    shape = q.shape
+    w = q.float()  # one [..., K] float32 allocation, scaled and shifted in place
+    groups = w.view(*shape[:-1], -1, group)
+    groups.mul_(scale.float().unsqueeze(-1))
+    if zero is not None:
+        groups.add_(zero.float().unsqueeze(-1))
+    return w
+
+
+def affine_to_offset(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """q * scale + zero as weight_quant_matmul's (q - offset) * scale: offset = -zero / scale (one float32 division:
+    |d(offset * scale)| <= 2^-24 |zero|). A group whose scale is 0 holds `zero` alone: its values become 0, its
+    scale `zero` and its offset -1, which is exact. Returns (q, scale, offset) with offset None without zeros."""
+    if zero is None:
+        return q, scale, None
+    dead = scale == 0  # [..., G]
+    group = q.shape[-1] // scale.shape[-1]
+    if dead.any():
+        q = q.masked_fill(dead.repeat_interleave(group, dim=-1), 0)
+    offset = torch.where(dead, torch.full_like(zero, -1.0), -zero / torch.where(dead, torch.ones_like(scale), scale))
+    return q, torch.where(dead, zero, scale), offset
 
 
 def _int_matmul_scaled(

@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache: this rank's heads, GQA, rotary, optional per-head q/k norm (qwen3)."""
+"""Attention over the paged KV cache: this rank's heads, GQA, rotary, optional per-head q/k norm (qwen3, gemma3),
+optional sliding window (gemma3's local layers)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ from shardserve.workers.quant.base import QuantConfig
 
 
 class Attention(nn.Module):
-    def __init__(self, prefix: str, cfg: ModelConfig, quant: QuantConfig, tp: TPGroup, ops: TorchOps, dtype):
+    """`window`: keys older than the last `window` are masked (None: full causal attention)."""
+
+    def __init__(
+        self, prefix: str, cfg: ModelConfig, quant: QuantConfig, tp: TPGroup, ops: TorchOps, dtype,
+        window: int | None = None,
+    ):
         super().__init__()
         D = cfg.head_dim
         self.qkv = qkv_parallel(
@@ -25,7 +31,8 @@ class Attention(nn.Module):
         self.o_proj = row_parallel(f"{prefix}.o_proj", cfg.num_heads * D, cfg.hidden_size, quant, tp, ops, dtype)
         self.num_heads = cfg.num_heads // tp.size
         self.num_kv_heads = self.qkv.spec.output_shards[1].length // D
-        self.head_dim, self.scale, self.ops = D, D**-0.5, ops
+        self.head_dim, self.ops, self.window = D, ops, window
+        self.scale = (cfg.query_pre_attn_scalar or D) ** -0.5
         self.q_norm = RMSNorm(f"{prefix}.q_norm.weight", D, cfg.rms_norm_eps, ops, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(f"{prefix}.k_norm.weight", D, cfg.rms_norm_eps, ops, dtype) if cfg.qk_norm else None
 
@@ -49,5 +56,5 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.rotary(q, k, *cos_sin)
         self.ops.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        out = self.ops.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        out = self.ops.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale, self.window)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.num_heads * D), meta.is_prefill)

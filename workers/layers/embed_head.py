@@ -1,4 +1,10 @@
-"""Vocab-parallel embedding and LM head: each rank holds a contiguous slice of the (padded) vocabulary."""
+"""Vocab-parallel embedding and LM head: each rank holds a contiguous slice of the (padded) vocabulary.
+
+A format may keep the matrix group-quantized (GGUF: QuantConfig.vocab_groups): the embedding then gathers and
+dequantizes only the rows it looks up (a lookup layout of the op table), and the head multiplies the quantized
+matrix in the op table's kernel layout; a tied head repacks the embedding's values for that kernel (or shares
+them where the table's kernel layout is the lookup layout).
+"""
 
 from __future__ import annotations
 
@@ -6,33 +12,68 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardserve.workers.device.base import TorchOps
+from shardserve.workers.device.quant_ops import GroupWeight, unpack_reference_groups
 from shardserve.workers.distributed import TPGroup
-from shardserve.workers.loader.source import CheckpointSource
+from shardserve.workers.loader.source import CheckpointError, CheckpointSource
+from shardserve.workers.quant.base import QuantConfig
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, name: str, vocab: int, hidden: int, tp: TPGroup, dtype: torch.dtype):
+    lookup = True  # the embedding gathers rows; the head (lookup False) multiplies
+
+    def __init__(
+        self,
+        name: str,
+        vocab: int,
+        hidden: int,
+        tp: TPGroup,
+        dtype: torch.dtype,
+        quant: QuantConfig | None = None,
+        ops: TorchOps | None = None,
+    ):
         super().__init__()
         self.name, self.vocab, self.hidden, self.tp, self.dtype = name, vocab, hidden, tp, dtype
+        self.quant, self.ops = quant, ops or TorchOps()
         self.per_rank = -(-vocab // tp.size)  # the last rank may hold fewer real rows (zero-padded)
         self.start = tp.rank * self.per_rank
         self.end = min(self.start + self.per_rank, vocab)
         self.register_buffer("weight", None, persistent=False)  # [V/tp, hidden], a buffer so .to() moves it
+        self.qweight: GroupWeight | None = None  # the group-quantized alternative, a module so .to() moves it
 
     def load(self, source: CheckpointSource) -> None:
-        rows = source.read(self.name, dim=0, start=self.start, length=self.end - self.start)
-        if rows.shape[1] != self.hidden:
-            raise ValueError(f"{source.file_of(self.name)}: {self.name} has width {rows.shape[1]}, expected {self.hidden}")
+        length = self.end - self.start
+        groups = None if self.quant is None else self.quant.vocab_groups(source, self.name, self.start, length)
+        if groups is not None:
+            self._check_width(source, groups.q.shape[1])
+            pad = self.per_rank - groups.q.shape[0]
+            q, scale = torch.from_numpy(groups.q), torch.from_numpy(groups.scale)
+            zero = None if groups.zero is None else F.pad(torch.from_numpy(groups.zero), (0, 0, 0, pad))
+            self.qweight = self.ops.pack_groups(
+                F.pad(q, (0, 0, 0, pad)), F.pad(scale, (0, 0, 0, pad)), zero, groups.group, lookup=self.lookup
+            )
+            return
+        rows = source.read(self.name, dim=0, start=self.start, length=length)
+        self._check_width(source, rows.shape[1])
         w = torch.zeros(self.per_rank, self.hidden, dtype=self.dtype)
         w[: rows.shape[0]] = rows.to(self.dtype)
         self.weight = w
 
+    def _check_width(self, source: CheckpointSource, width: int) -> None:
+        if width != self.hidden:
+            raise CheckpointError(source.file_of(self.name), self.name, f"has width {width}, expected {self.hidden}")
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return self.ops.group_rows(self.qweight, ids).to(self.dtype)
+        return F.embedding(ids, self.weight)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(ids, self.weight)
+            return self._rows(ids)
         local = ids - self.start
         outside = (local < 0) | (local >= self.per_rank)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = self._rows(local.masked_fill(outside, 0))
         out = out.masked_fill(outside.unsqueeze(-1), 0)
         return self.tp.all_reduce(out)
 
@@ -40,18 +81,28 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits on rank 0: each rank computes its vocab slice, gathered and trimmed to the real vocab."""
 
-    def __init__(self, name: str, vocab: int, hidden: int, tp: TPGroup, dtype: torch.dtype):
-        super().__init__(name, vocab, hidden, tp, dtype)
+    lookup = False
+
+    def __init__(self, name: str, vocab: int, hidden: int, tp: TPGroup, dtype: torch.dtype, quant=None, ops=None):
+        super().__init__(name, vocab, hidden, tp, dtype, quant, ops)
         self.tied: VocabParallelEmbedding | None = None
 
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         """Read the embedding's weight. Held as a submodule, not as a second buffer: `.to()` copies each
-        module's buffers, so a shared buffer would arrive on the device twice (and no longer tied)."""
+        module's buffers, so a shared buffer would arrive on the device twice (and no longer tied).
+        A quantized embedding is repacked for the head's kernel, unless the kernel layout is the lookup one."""
         self.weight = None
         self.tied = embedding
+        if embedding.qweight is not None:
+            packed = self.ops.pack_groups(*unpack_reference_groups(embedding.qweight), lookup=False)
+            self.qweight = None if packed.layout == embedding.qweight.layout else packed
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        weight = self.weight if self.tied is None else self.tied.weight
-        local = F.linear(hidden, weight).float()  # [S, V/tp]
+        qweight = self.qweight if self.qweight is not None else getattr(self.tied, "qweight", None)
+        if qweight is not None:
+            local = self.ops.group_matmul(hidden, qweight).float()  # [S, V/tp]
+        else:
+            weight = self.weight if self.tied is None else self.tied.weight
+            local = F.linear(hidden, weight).float()  # [S, V/tp]
         full = self.tp.gather_last_dim(local)
         return None if full is None else full[:, : self.vocab]

@@ -23,6 +23,7 @@ GGUF_ARCHITECTURES = {
     "qwen3": "qwen3",
     "qwen2moe": "qwen2_moe",
     "qwen3moe": "qwen3_moe",
+    "gemma3": "gemma3",
 }
 
 # GGUF tensor name -> HF name; the converter's table (gguf-py constants.py TENSOR_NAMES), reversed.
@@ -53,9 +54,35 @@ _BLOCK_NAMES = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# where an architecture names a block tensor otherwise: gemma3's sandwich norms (gguf-py constants.py
+# MODEL_TENSORS[GEMMA3]; transformers' Gemma3DecoderLayer), where ffn_norm is the pre-feedforward norm
+_ARCH_BLOCK_NAMES = {
+    "gemma3": {
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 _TOKENIZER_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}
 _UNQUANTIZED = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+# Tensors outside the layers' table that a GGUF may hold: rope_freqs.weight (llama.cpp's per-dimension RoPE
+# frequency factors, llama3 scaling; read by models/llama.py) and blk.N.attn_rot_embd (HF's rotary_emb.inv_freq:
+# gguf-py's MODEL_TENSOR_SKIP says the converter skips it, older files may carry it; recomputed from
+# rope.freq_base). Any other unmapped tensor is a weight that no layer would load.
+_EXTRA_TENSORS = re.compile(r"^(rope_freqs|blk\.\d+\.attn_rot_embd)\.weight$")
+
+
+def _unknown_extra(architecture: str, unknown: list[tuple[str, str]]) -> CheckpointError:
+    file, name = unknown[0]
+    names = [n for _, n in unknown]
+    return CheckpointError(
+        file, name,
+        f"no {architecture} layer loads this tensor, nor is it rope_freqs.weight or blk.N.attn_rot_embd.weight: a "
+        f"model variant this build does not know; {len(names)} such tensor(s): {names[:8]}{' ...' * (len(names) > 8)}",
+    )
 
 
 def find_gguf_file(path: str) -> str | None:
@@ -73,12 +100,13 @@ def find_gguf_file(path: str) -> str | None:
     return None
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, architecture: str = "") -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK_RE.match(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    names = {**_BLOCK_NAMES, **_ARCH_BLOCK_NAMES.get(architecture, {})}
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -97,20 +125,25 @@ class GGUFSource(CheckpointSource):
             raise CheckpointError(first, None, f"split GGUF is missing {len(absent)} of its {len(files)} files: {absent}")
         self._readers = []
         for f in files:
-            self._readers.append(_open_reader(f))
+            self._readers.append(open_gguf_reader(f))
         self.metadata = _metadata(self._readers[0])
         self.architecture = self.metadata.get("general.architecture", "")
         self._tensors: dict[str, tuple[str, ReaderTensor]] = {}
-        self.extra_tensors: dict[str, ReaderTensor] = {}
+        self.extra_tensors: dict[str, ReaderTensor] = {}  # no layer maps them: the model reads them by GGUF name
+        unknown: list[tuple[str, str]] = []
         for f, reader in zip(files, self._readers):
             for t in reader.tensors:
-                name = hf_name(t.name)
+                name = hf_name(t.name, self.architecture)
                 if name is None:
                     self.extra_tensors[t.name] = t
+                    if not _EXTRA_TENSORS.match(t.name):
+                        unknown.append((f, t.name))
                 else:
                     _check_readable_type(f, t)
                     self._tensors[name] = (f, t)
         self.model_config = self._model_config()
+        if unknown:  # after the architecture check, whose refusal says more
+            raise _unknown_extra(self.architecture, unknown)
 
     # ---- metadata ---------------------------------------------------------------------------
     def _model_config(self) -> ModelConfig:
@@ -161,6 +194,7 @@ class GGUFSource(CheckpointSource):
             shared_expert_intermediate_size=int(key("expert_shared_feed_forward_length", 0) or 0),
             # llama.cpp normalises the top-k weights for qwen3moe, not for qwen2moe (llama-model.cpp)
             norm_topk_prob=bool(key("expert_weights_norm", ours == "qwen3_moe")),
+            **(_gemma3_fields(key, int(key("block_count")), head_dim) if ours == "gemma3" else {}),
         )
 
     # ---- tensors ----------------------------------------------------------------------------
@@ -231,9 +265,37 @@ class GGUFSource(CheckpointSource):
         return (h * 2 * half + j * 2 + i).reshape(-1)  # hf row (h, i, j) lives at gguf row (h, j, i)
 
 
+def _gemma3_fields(key, layers: int, head_dim: int) -> dict[str, Any]:
+    """What gemma3 GGUF metadata leaves implicit, as llama.cpp sets it (llama-model.cpp, LLM_ARCH_GEMMA3): every
+    6th layer global, the others a sliding window (none without the key) with rope base 10000
+    (rope_freq_base_train_swa); attention scale 1/sqrt(head_dim), but 1/sqrt(n_embd / n_head) for the 62-layer
+    27B (gemma_pytorch config.py), as query_pre_attn_scalar."""
+    window = int(key("attention.sliding_window", 0) or 0) or None
+    heads, hidden = int(key("attention.head_count")), int(key("embedding_length"))
+    sliding = window is not None
+    return {
+        "sliding_window": window,
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 or not sliding else "sliding_attention" for i in range(layers)],
+        "rope_local_theta": 10000.0,
+        "query_pre_attn_scalar": float(hidden // heads if layers == 62 else head_dim),
+        "final_logit_softcapping": key("final_logit_softcapping") or None,
+    }
+
+
 class _CheckedReader(GGUFReader):
     """GGUFReader that checks each tensor's type and data range against the file before mapping it: gguf-py
     itself fails on a truncated file with a bare numpy reshape error that names no tensor."""
+
+    def _get(self, offset: int, dtype, count: int = 1, override_order=None) -> np.ndarray:
+        """gguf-py's _get, sliced from a plain ndarray view of the same map: slicing the np.memmap runs memmap's
+        __array_finalize__ on each of the ~10^6 slices a 262k-token vocabulary takes (most of opening gemma3)."""
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        dtype = np.dtype(dtype)
+        count = int(count)
+        arr = plain[offset : offset + dtype.itemsize * count].view(dtype)[:count]
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         path, size = str(self.data.filename), len(self.data)
@@ -266,7 +328,7 @@ class _CheckedReader(GGUFReader):
         super()._build_tensors(start_offs, fields)
 
 
-def _open_reader(path: str) -> GGUFReader:
+def open_gguf_reader(path: str) -> GGUFReader:
     try:
         return _CheckedReader(path)
     except CheckpointError:

@@ -11,6 +11,7 @@ ARCHITECTURES = {
     "qwen3": ("llama", "DecoderModel"),
     "qwen2_moe": ("llama", "DecoderModel"),
     "qwen3_moe": ("llama", "DecoderModel"),
+    "gemma3": ("gemma3", "Gemma3Model"),
 }
 
 

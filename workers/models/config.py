@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass
 class ModelConfig:
-    architecture: str  # llama | qwen2 | qwen3 | qwen2_moe | qwen3_moe
+    architecture: str  # llama | qwen2 | qwen3 | qwen2_moe | qwen3_moe | gemma3
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -32,6 +32,13 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+    # gemma3 (transformers' Gemma3TextConfig names): attention scale query_pre_attn_scalar**-0.5 (None: head_dim),
+    # a sliding window on the layers layer_types marks "sliding_attention", with its own rope base
+    query_pre_attn_scalar: float | None = None
+    sliding_window: int | None = None
+    layer_types: list[str] = field(default_factory=list)  # empty: every layer "full_attention"
+    rope_local_theta: float | None = None  # rope base of sliding layers (None: rope_theta)
+    final_logit_softcapping: float | None = None
     # MoE experts partitioned across the TP group (rank r holds experts [r*E/tp, (r+1)*E/tp) whole)
     # instead of every expert's intermediate dim split; set by the engine, not read from checkpoints
     enable_expert_parallel: bool = False
@@ -70,6 +77,11 @@ class ModelConfig:
             decoder_sparse_step=cfg.get("decoder_sparse_step", 1) or 1,
             mlp_only_layers=list(cfg.get("mlp_only_layers", []) or []),
         )
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i, None for full attention."""
+        sliding = i < len(self.layer_types) and self.layer_types[i] == "sliding_attention"
+        return self.sliding_window if sliding else None
 
     @property
     def is_moe(self) -> bool:

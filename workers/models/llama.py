@@ -18,10 +18,14 @@ from shardserve.workers.quant.base import QuantConfig
 
 
 class MLP(nn.Module):
-    """SwiGLU: gate/up merged column-parallel, down row-parallel."""
+    """act(gate) * up, SwiGLU by default: gate/up merged column-parallel, down row-parallel."""
 
-    def __init__(self, prefix: str, hidden: int, inter: int, quant: QuantConfig, tp: TPGroup, ops: TorchOps, dtype):
+    def __init__(
+        self, prefix: str, hidden: int, inter: int, quant: QuantConfig, tp: TPGroup, ops: TorchOps, dtype,
+        activation=torch.nn.functional.silu,
+    ):
         super().__init__()
+        self.activation = activation
         subs = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
         self.gate_up = column_parallel(f"{prefix}.gate_up_proj", subs, hidden, [inter, inter], quant, tp, ops, dtype)
         self.down = row_parallel(f"{prefix}.down_proj", inter, hidden, quant, tp, ops, dtype)
@@ -31,8 +35,8 @@ class MLP(nn.Module):
         self.down.load(source)
 
     def forward(self, x: torch.Tensor, is_prefill: bool) -> torch.Tensor:
-        gate, up = self.gate_up(x, is_prefill).chunk(2, dim=-1)
-        return self.down(torch.nn.functional.silu(gate) * up, is_prefill)
+        gate, up = self.gate_up(x, is_prefill).chunk(2, dim=-1)  # [T, I_local] each
+        return self.down(self.activation(gate) * up, is_prefill)
 
 
 class DecoderLayer(nn.Module):
@@ -68,10 +72,12 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, quant: QuantConfig, tp: TPGroup, ops: TorchOps, dtype: torch.dtype):
         super().__init__()
         self.cfg, self.tp, self.dtype = cfg, tp, dtype
-        self.embed_tokens = VocabParallelEmbedding("model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size, tp, dtype)
+        self.embed_tokens = VocabParallelEmbedding(
+            "model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size, tp, dtype, quant, ops
+        )
         self.layers = nn.ModuleList(DecoderLayer(i, cfg, quant, tp, ops, dtype) for i in range(cfg.num_layers))
         self.norm = RMSNorm("model.norm.weight", cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
-        self.lm_head = ParallelLMHead("lm_head.weight", cfg.vocab_size, cfg.hidden_size, tp, dtype)
+        self.lm_head = ParallelLMHead("lm_head.weight", cfg.vocab_size, cfg.hidden_size, tp, dtype, quant, ops)
         self.rotary: RotaryEmbedding | None = None
 
     def load(self, source: CheckpointSource, progress=None) -> None:
@@ -82,16 +88,7 @@ class DecoderModel(nn.Module):
         self.rotary = RotaryEmbedding(
             cfg.rotary_dim or cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling, freq_factors
         )
-        self.embed_tokens.load(source)
-        for i, layer in enumerate(self.layers):
-            layer.load(source)
-            if progress:
-                progress(i + 1, len(self.layers))
-        self.norm.load(source)
-        if cfg.tie_word_embeddings:
-            self.lm_head.tie(self.embed_tokens)
-        else:
-            self.lm_head.load(source)
+        load_decoder_weights(self, source, progress)
 
     def kv_heads_local(self) -> int:
         return self.layers[0].self_attn.num_kv_heads
@@ -109,3 +106,17 @@ class DecoderModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """[S, hidden] -> fp32 logits [S, vocab] on rank 0, None elsewhere."""
         return self.lm_head.logits(hidden)
+
+
+def load_decoder_weights(model: nn.Module, source: CheckpointSource, progress=None) -> None:
+    """Embedding, layers (reporting each to `progress(done, total)`), final norm, then the LM head or its tie."""
+    model.embed_tokens.load(source)
+    for i, layer in enumerate(model.layers):
+        layer.load(source)
+        if progress:
+            progress(i + 1, len(model.layers))
+    model.norm.load(source)
+    if model.cfg.tie_word_embeddings:
+        model.lm_head.tie(model.embed_tokens)
+    else:
+        model.lm_head.load(source)

@@ -13,8 +13,9 @@ from shardserve.workers.quant.base import QuantConfig, registered
 DETECTION_ORDER = ["modelslim", "gptq", "awq", "auto-round", "compressed-tensors", "gguf", "unquantized"]
 
 
-def detect(model_path: str, override: str | None = None) -> QuantConfig:
-    """The format of `model_path`; `override` (--quantization) must agree with what the files say."""
+def detect(model_path: str, override: str | None = None, gguf_dequantize: bool = False) -> QuantConfig:
+    """The format of `model_path`; `override` (--quantization) must agree with what the files say.
+    `gguf_dequantize`: a GGUF checkpoint's weights are dequantized at load, not kept quantized."""
     formats = registered()
     found: QuantConfig | None = None
     checked = []
@@ -27,6 +28,8 @@ def detect(model_path: str, override: str | None = None) -> QuantConfig:
             break
     if found is None:
         raise ValueError(f"{model_path}: no quantization format matched (checked {checked})")
+    if found.name == "gguf" and gguf_dequantize:
+        found = gguf.GGUF(dequantize=True)
     if found.name == "unquantized":
         _refuse_declared_quantization(model_path, formats)
     if override and override != found.name:

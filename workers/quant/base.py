@@ -170,6 +170,11 @@ class QuantConfig(ABC):
             f"formats with MoE support: {with_moe}"
         )
 
+    def vocab_groups(self, source: CheckpointSource, name: str, start: int, length: int):
+        """Rows [start, start + length) of the embedding or LM head `name` kept group-quantized (a
+        gguf_groups.Groups: q, scale, zero per group along the hidden size), or None to read them as floats."""
+        return None
+
     def scheme_of(self, module: str) -> Hashable:
         """The scheme this format gives one checkpoint module (ModelSlim: its description's label; GPTQModel:
         after its `dynamic` rules). Only formats that decide per module answer; they then use uniform_scheme."""

@@ -1,19 +1,25 @@
-"""GGUF (every ggml type gguf-py can dequantize): each rank reads only its slice of the packed blocks.
+"""GGUF (every ggml type gguf-py can dequantize), kept quantized: each rank reads only its slice of the blocks.
 
-Where the device's op table has an int4 kernel (`ops.int4_kernel`), linear layers whose sub-matrices are all
-Q4_0 / Q4_1 stay 4-bit in memory: the rank's blocks are decoded (numpy) into q, scale and zero and packed for
-that kernel. Every other type, MoE experts, and every layer on other devices are dequantized at load
-(GGUFSource.read, gguf-py's dequantizer) into the compute dtype.
+Kept quantized by default, on every device: a layer whose sub-matrices are all integer types (gguf_groups.py's
+table: Q4_0..Q8_0, Q2_K..Q6_K, IQ4_NL/IQ4_XS, TQ1_0/TQ2_0, MXFP4, NVFP4) holds q, scale and zero per group,
+exactly the checkpoint's values, packed by the device's op table (`pack_groups`: the CPU's ATen int4 kernel,
+the NPU's npu_weight_quant_batchmatmul, the plain-torch reference elsewhere) and multiplied by its group_matmul.
+Fused layers (qkv, gate_up, an MoE's w13) whose parts differ in type share the finer group and a zero. Stacked
+MoE experts (ffn_*_exps) stay quantized under TP and EP; the token embedding is gathered from its quantized rows,
+and the LM head (tied or not) multiplies the quantized matrix.
+
+Dequantized at load into the compute dtype (gguf-py's dequantizer): F32/F16/BF16 and the grid types
+(IQ1_*, IQ2_*, IQ3_*), a layer mixing those with integer types, a TP split inside a block, and every layer under
+`--gguf-dequantize` (SGLang's behaviour on Ascend: more memory, no kernel rounding).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES
 from torch import nn
 
-from shardserve.workers.device.base import int4_dequantize
 from shardserve.workers.loader.gguf_source import GGUFSource, find_gguf_file
 from shardserve.workers.loader.source import CheckpointError, CheckpointSource
 from shardserve.workers.quant.base import (
@@ -26,94 +32,100 @@ from shardserve.workers.quant.base import (
     TensorSpec,
     register,
 )
-from shardserve.workers.quant.unquantized import UnquantizedLinearMethod, UnquantizedMoEMethod
-
-Q4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
-Q4_GROUP = 32  # QK4_0 == QK4_1 (ggml-common.h): values per block, one scale (and min) each
+from shardserve.workers.quant.gguf_groups import Groups, decodable, decode
+from shardserve.workers.quant.unquantized import UnquantizedLinearMethod, UnquantizedMoEMethod, expert_rows
 
 
 class GGUFLinearMethod(UnquantizedLinearMethod):
-    """Q4_0 / Q4_1 layers on a device with an int4 kernel: q [N, K] and scales_zeros [K/32, N, 2] packed by the
-    layer's op table, applied by its int4_group_matmul. Otherwise the dequantized float weight (the parent's).
-    Which of the two a layer took is the layer's `int4`, chosen at load from its sub-matrices' types and the op
-    table: the method itself holds no per-layer state."""
+    """Integer types kept quantized (`layer.qweight`, a GroupWeight of the layer's op table) or, where the layer
+    cannot be (see the module docstring), the dequantized float weight (the parent's). Which one a layer took is
+    the layer's `grouped`, chosen at load: the method holds only the format's option."""
+
+    def __init__(self, dequantize: bool = False):
+        self.dequantize = dequantize
 
     def load(self, layer: nn.Module, spec: LinearSpec, source: CheckpointSource) -> None:
-        layer.int4 = bool(layer.ops.int4_kernel and isinstance(source, GGUFSource) and _all_q4(spec, source))
+        layer.grouped = not self.dequantize and isinstance(source, GGUFSource) and _groupable(spec, source)
         super().load(layer, spec, source)
 
     def load_tensor(self, layer: nn.Module, spec: LinearSpec, source: CheckpointSource, t: TensorSpec) -> None:
-        if t.name != "weight" or not layer.int4:
+        if t.name != "weight" or not layer.grouped:
             return super().load_tensor(layer, spec, source, t)
-        parts = [
-            decode_q4(source.qtype(f"{sub}.weight"), _read_blocks(source, spec, sub, n, shard))
-            for sub, n, shard in zip(spec.sub_prefixes, spec.output_sizes, spec.output_shards)
-        ]
-        q = np.concatenate([p[0] for p in parts], axis=0)  # [N_local, K_local]
-        scales_zeros = np.concatenate([p[1] for p in parts], axis=1)  # [K_local/32, N_local, 2]
-        layer.register_buffer("q", torch.from_numpy(q), persistent=False)
-        layer.register_buffer("scales_zeros", torch.from_numpy(scales_zeros), persistent=False)
+        parts = []
+        for sub, n, shard in zip(spec.sub_prefixes, spec.output_sizes, spec.output_shards):
+            name = f"{sub}.weight"
+            parts.append(decode_blocks(source, name, _read_blocks(source, spec, sub, n, shard)))
+        _hold_groups(layer, merge_groups(parts, axis=0))
 
     def after_load(self, layer: nn.Module, spec: LinearSpec) -> None:
-        if not layer.int4 or not hasattr(layer, "q"):
-            return  # a float layer, or already packed
-        packed, layer.scales_zeros = layer.ops.pack_int4(layer.q, layer.scales_zeros)
-        layer.register_buffer("qweight", packed, persistent=False)
-        del layer.q  # the decoded values are checkpoint-only
+        if layer.grouped and hasattr(layer, "q"):
+            _pack_held(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, is_prefill: bool) -> torch.Tensor:
-        if not layer.int4:
+        if not layer.grouped:
             return super().apply(layer, x, is_prefill)
-        y = layer.ops.int4_group_matmul(x, layer.qweight, Q4_GROUP, layer.scales_zeros)  # [T, K] -> [T, N]
+        y = layer.ops.group_matmul(x, layer.qweight)  # [T, K] -> [T, N]
         return y if layer.bias is None else y + layer.bias
 
     def reference_weight(self, layer: nn.Module) -> torch.Tensor:
-        """Dequantized from what the layer holds: equal to gguf-py's dequantize up to the rounding of d and
-        m + 8d into the op table's scale dtype."""
-        if not layer.int4:
-            return super().reference_weight(layer)
-        q = layer.ops.unpack_int4(layer.qweight, layer.scales_zeros, Q4_GROUP)  # [N_local, K_local]
-        return int4_dequantize(q, layer.scales_zeros, Q4_GROUP)
+        """What the layer multiplies by: gguf-py's dequantize, up to the rounding the op table's layout states."""
+        return layer.ops.group_dequantize(layer.qweight) if layer.grouped else super().reference_weight(layer)
 
 
-def decode_q4(qtype: GGMLQuantizationType, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of Q4_0 / Q4_1 blocks [N, K/32 * type_size] uint8 -> q [N, K] uint8 in 0..15 and scales_zeros
-    [K/32, N, 2] float32, with w = (q - 8) * scale + zero exactly as gguf-py's dequantize computes it.
-
-    ggml-common.h: block_q4_0 {fp16 d; u8 qs[16]}, w = d (q - 8); block_q4_1 {fp16 d, m; u8 qs[16]},
-    w = d q + m = d (q - 8) + (m + 8 d). qs[j] holds value j in its low nibble and j + 16 in its high
-    nibble (gguf-py quants.py Q4_0/Q4_1.dequantize_blocks).
-    """
-    _, type_size = GGML_QUANT_SIZES[qtype]
-    N = blocks.shape[0]
-    b = np.ascontiguousarray(blocks).reshape(N, -1, type_size)  # [N, K/32, type_size]
-    d = _fp16(b[..., 0:2])  # [N, K/32]
-    if qtype == GGMLQuantizationType.Q4_1:
-        zero, qs = _fp16(b[..., 2:4]) + 8 * d, b[..., 4:]  # m + 8d: exact in fp32 unless 2^13 apart
-    else:
-        zero, qs = np.zeros_like(d), b[..., 2:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(N, -1)  # [N, K/32, 32] -> [N, K]
-    scales_zeros = np.stack([d, zero], axis=-1).transpose(1, 0, 2)  # [K/32, N, 2]
-    return q, np.ascontiguousarray(scales_zeros)
+def decode_blocks(source: CheckpointSource, name: str, blocks: np.ndarray) -> Groups:
+    """gguf_groups.decode with the file and tensor in its errors."""
+    qtype = source.qtype(name)
+    try:
+        groups = decode(qtype, blocks)
+    except ValueError as e:
+        raise CheckpointError(source.file_of(name), name, str(e)) from None
+    if groups is None:
+        raise CheckpointError(source.file_of(name), name, f"{qtype.name} is not an integer type")
+    return groups
 
 
-def _fp16(raw: np.ndarray) -> np.ndarray:
-    """[..., 2] little-endian fp16 bytes -> [...] float32."""
-    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+def merge_groups(parts: list[Groups], axis: int) -> Groups:
+    """Sub-matrices stacked along N (`axis`): one group size (the finest; ggml groups are 16, 32 or 256, each
+    dividing the next) and a zero for all where any has one. Exact: only scales are repeated."""
+    if len(parts) == 1:
+        return parts[0]
+    group = min(p.group for p in parts)
+    parts = [p.regroup(group) for p in parts]
+    if any(p.zero is not None for p in parts):
+        parts = [p.with_zero() for p in parts]
+    zero = None if parts[0].zero is None else np.concatenate([p.zero for p in parts], axis=axis)
+    return Groups(
+        np.concatenate([p.q for p in parts], axis=axis), np.concatenate([p.scale for p in parts], axis=axis), zero, group
+    )
 
 
-def _all_q4(spec: LinearSpec, source: GGUFSource) -> bool:
-    """Every sub-matrix Q4_0/Q4_1 and the rank's K slice whole blocks (else the float path, which names
+def _hold_groups(layer: nn.Module, g: Groups) -> None:
+    """The decoded pieces as buffers until after_load packs them (checkpoint-only: packing drops them)."""
+    layer.register_buffer("q", torch.from_numpy(g.q), persistent=False)
+    layer.register_buffer("scale", torch.from_numpy(np.ascontiguousarray(g.scale)), persistent=False)
+    zero = None if g.zero is None else torch.from_numpy(np.ascontiguousarray(g.zero))
+    layer.register_buffer("zero", zero, persistent=False)
+    layer.group = g.group
+
+
+def _pack_held(layer: nn.Module, lookup: bool = False) -> None:
+    layer.qweight = layer.ops.pack_groups(layer.q, layer.scale, layer.zero, layer.group, lookup=lookup)
+    del layer.q, layer.scale, layer.zero
+
+
+def _groupable(spec: LinearSpec, source: GGUFSource) -> bool:
+    """Every sub-matrix an integer type, and the rank's K slice whole blocks (else the float path, which names
     the misaligned split in its error)."""
-    k = spec.input_shard
-    if spec.parallel == "row" and (k.start % Q4_GROUP or k.length % Q4_GROUP):
-        return False
     subs = [f"{s}.weight" for s in spec.sub_prefixes]
-    return all(source.has(n) and source.qtype(n) in Q4_TYPES for n in subs)
+    if not all(source.has(n) and decodable(source.qtype(n)) for n in subs):
+        return False
+    k = spec.input_shard
+    blocks = [GGML_QUANT_SIZES[source.qtype(n)][0] for n in subs]
+    return spec.parallel != "row" or all(k.start % b == 0 and k.length % b == 0 for b in blocks)
 
 
 def _read_blocks(source: GGUFSource, spec: LinearSpec, sub: str, n: int, shard: Shard) -> np.ndarray:
-    """This rank's packed rows [N_local, K_local/32 * type_size] of sub-matrix `sub` (full N = n), HF row order."""
+    """This rank's packed rows [N_local, K_local/block * type_size] of sub-matrix `sub` (full N = n), HF row order."""
     name, full = f"{sub}.weight", (n, spec.input_size)
     if source.shape(name) != full:
         found = source.shape(name)
@@ -126,33 +138,90 @@ def _read_blocks(source: GGUFSource, spec: LinearSpec, sub: str, n: int, shard: 
     return source.read_quantized(name, None, 0, 0)
 
 
+def read_vocab_groups(source: CheckpointSource, name: str, start: int, length: int) -> Groups | None:
+    """Rows [start, start + length) of an embedding or LM head kept quantized, or None (a float type)."""
+    if not isinstance(source, GGUFSource) or not source.has(name) or not decodable(source.qtype(name)):
+        return None
+    source.consumed.add(name)
+    return decode_blocks(source, name, source.read_quantized(name, 0, start, length))
+
+
 class GGUFMoEMethod(UnquantizedMoEMethod):
     """GGUF stores a layer's experts stacked: ffn_{gate,up}_exps [E, I, H] and ffn_down_exps [E, H, I]
-    (GGUFSource names them experts.{gate,up,down}_proj.weight). One sliced read per sub-matrix: the
-    expert axis under expert parallelism, the I axis under TP (for down, the packed axis: I / tp must
-    be a multiple of the block size, which GGUFSource checks)."""
+    (GGUFSource names them experts.{gate,up,down}_proj.weight). One sliced read per sub-matrix: the expert axis
+    under expert parallelism, the I axis under TP (for down, the packed axis: I / tp must be a multiple of the
+    block size, checked). Kept quantized (`layer.qweight` [E_local, N_local, K_local], grouped_group_matmul)
+    when every sub-matrix is an integer type, else dequantized at load (the parent's float path)."""
+
+    def __init__(self, dequantize: bool = False):
+        self.dequantize = dequantize
 
     def load(self, layer: nn.Module, spec: MoESpec, source: CheckpointSource) -> None:
-        parts = [_read_stacked(source, spec, f"{spec.prefix}.{sub}.weight") for sub in spec.sub_names]
+        names = [f"{spec.prefix}.{sub}.weight" for sub in spec.sub_names]
+        for name in names:
+            _check_stacked(source, spec, name)
+        layer.grouped = not self.dequantize and all(decodable(source.qtype(n)) for n in names)
+        if layer.grouped:
+            parts = [decode_blocks(source, n, _read_stacked_blocks(source, spec, n)) for n in names]
+            _hold_groups(layer, merge_groups(parts, axis=1))  # w13: [E_local, 2 * I_local, H]
+            return
+        parts = [_read_stacked(source, spec, n) for n in names]
         w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # w13: [E_local, 2 * I_local, H]
         layer.register_buffer("weight", w.to(spec.dtype), persistent=False)
 
+    def after_load(self, layer: nn.Module, spec: MoESpec) -> None:
+        if layer.grouped:
+            _pack_held(layer)
+        else:
+            super().after_load(layer, spec)
 
-def _read_stacked(source: CheckpointSource, spec: MoESpec, name: str) -> torch.Tensor:
-    """This rank's [E_local, I_local, H] (gate/up) or [E_local, H, I_local] (down) of a stacked tensor."""
+    def apply(self, layer, x, group_counts, ops, is_prefill):
+        if not layer.grouped:
+            return super().apply(layer, x, group_counts, ops, is_prefill)
+        y = ops.grouped_group_matmul(x, layer.qweight, group_counts)  # [M, K] x [E, N, K] -> [M, N]
+        return y if layer.bias is None else y + expert_rows(layer.bias, group_counts, y.shape[0])
+
+    def reference_weight(self, layer: nn.Module) -> torch.Tensor:
+        return layer.ops.group_dequantize(layer.qweight) if layer.grouped else super().reference_weight(layer)
+
+
+def _full_stacked(spec: MoESpec) -> tuple[int, int, int]:
     E, H, inter = spec.num_experts, spec.hidden_size, spec.intermediate_size
-    full = (E, inter, H) if spec.which == "w13" else (E, H, inter)
+    return (E, inter, H) if spec.which == "w13" else (E, H, inter)
+
+
+def _check_stacked(source: CheckpointSource, spec: MoESpec, name: str) -> None:
+    full = _full_stacked(spec)
     if not source.has(name):
         gguf_name = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}[name.split(".")[-2]]
         raise CheckpointError(
             source.path, name, f"missing: stacked experts of {spec.prefix} ({spec.which}) are read from GGUF "
             f"blk.N.ffn_{gguf_name}_exps, shape {full} in torch order"
         )
+    if tuple(source.shape(name)) != full:
+        found = tuple(source.shape(name))
+        raise CheckpointError(source.file_of(name), name, f"expected shape {full} for {spec.prefix}, found {found}")
+    if spec.which == "w2" and spec.intermediate_shard.length < spec.intermediate_size:
+        _check_block_split(source, spec, name)
+
+
+def _read_stacked_blocks(source: GGUFSource, spec: MoESpec, name: str) -> np.ndarray:
+    """This rank's blocks [E_local, N_local, K_local / block * type_size] of a stacked tensor."""
+    source.consumed.add(name)
+    experts, rows = spec.expert_shard, spec.intermediate_shard
+    data = source.read_quantized(name, None, 0, 0)[experts.start : experts.start + experts.length]  # [E_l, N, bytes]
+    if spec.which == "w13":
+        return data[:, rows.start : rows.start + rows.length]
+    block, type_size = GGML_QUANT_SIZES[source.qtype(name)]
+    return data[..., rows.start // block * type_size : (rows.start + rows.length) // block * type_size]
+
+
+def _read_stacked(source: CheckpointSource, spec: MoESpec, name: str) -> torch.Tensor:
+    """This rank's [E_local, I_local, H] (gate/up) or [E_local, H, I_local] (down) of a stacked tensor, dequantized."""
+    full = _full_stacked(spec)
     experts, rows = spec.expert_shard, spec.intermediate_shard
     i_axis = 1 if spec.which == "w13" else 2
-    if i_axis == 2 and rows.length < inter:
-        _check_block_split(source, spec, name)
-    if experts.length < E:
+    if experts.length < spec.num_experts:
         w = source.read(name, dim=0, start=experts.start, length=experts.length, expect_shape=full)
         return w.narrow(i_axis, rows.start, rows.length)
     return source.read(name, dim=i_axis, start=rows.start, length=rows.length, expect_shape=full)
@@ -175,8 +244,11 @@ def _check_block_split(source: CheckpointSource, spec: MoESpec, name: str) -> No
 @register
 class GGUF(QuantConfig):
     name = "gguf"
-    _linear = GGUFLinearMethod()  # stateless: one instance serves every layer
-    _moe = GGUFMoEMethod()
+
+    def __init__(self, dequantize: bool = False):
+        self.dequantize = dequantize
+        self._linear = GGUFLinearMethod(dequantize)  # one instance serves every layer
+        self._moe = GGUFMoEMethod(dequantize)
 
     @classmethod
     def detect(cls, model_path: str) -> GGUF | None:
@@ -187,3 +259,7 @@ class GGUF(QuantConfig):
 
     def moe_method(self, spec: MoESpec) -> MoEMethod:
         return self._moe
+
+    def vocab_groups(self, source: CheckpointSource, name: str, start: int, length: int) -> Groups | None:
+        """An embedding's or LM head's rows kept quantized, or None to read them as floats."""
+        return None if self.dequantize else read_vocab_groups(source, name, start, length)

@@ -88,8 +88,10 @@ def npu_fused_infer_attention_score(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """yaml/doc npu_fused_infer_attention_score: softmax(scale * q k^T + mask) v -> (attention_out, softmax_lse).
 
-    Modelled: input_layout "TND" (query [T, N, D]), GQA, sparse_mode 0 without mask (no masking), 2 (left-up causal)
-    and 3 (right-down causal) with the 2048 x 2048 compressed mask, and PageAttention (block_table int32
+    Modelled: input_layout "TND" (query [T, N, D]), GQA, sparse_mode 0 without mask (no masking), 2 (left-up causal),
+    3 (right-down causal) and 4 (band: keys i' - pre_tokens .. i' + next_tokens around query i's right-down
+    diagonal position i', our reading of the doc; at every query length, as vllm-ascend relies on for decode) with
+    the 2048 x 2048 compressed mask, and PageAttention (block_table int32
     [B, max_blocks], key/value [num_blocks, block_size, KV_N * D]). actual_seq_lengths holds cumulative query ends.
     actual_seq_lengths_kv holds cumulative ends without block_table, and per-sequence lengths with it: the doc's
     TND section says "cumulative" for both, but vllm-ascend (run on hardware) passes per-sequence seq_lens with a
@@ -127,7 +129,8 @@ def npu_fused_infer_attention_score(
         ks, vs = _paged(key, value, block_table, block_size, actual_seq_lengths_kv, B, kv_heads, D)
     out = torch.empty_like(query)
     for b, (q0, q1) in enumerate(zip([0] + q_ends[:-1], q_ends)):
-        out[q0:q1] = _attend(query[q0:q1], ks[b], vs[b], scale, _mask_rows(sparse_mode, atten_mask, q1 - q0, ks[b].shape[0]))
+        mask = _mask_rows(sparse_mode, atten_mask, q1 - q0, ks[b].shape[0], pre_tokens, next_tokens)
+        out[q0:q1] = _attend(query[q0:q1], ks[b], vs[b], scale, mask)
     return out, torch.zeros(1, dtype=torch.float32)
 
 
@@ -160,24 +163,28 @@ def _paged(key, value, block_table, block_size, kv_lens, B, kv_heads, D):
     return ks, vs
 
 
-def _mask_rows(sparse_mode: int, atten_mask: torch.Tensor | None, s_q: int, s_kv: int) -> torch.Tensor | None:
+def _mask_rows(
+    sparse_mode: int, atten_mask: torch.Tensor | None, s_q: int, s_kv: int, pre_tokens: int, next_tokens: int
+) -> torch.Tensor | None:
     """Boolean [s_q, s_kv], True = attend; None = attend everything."""
     if sparse_mode == 0 and atten_mask is None:
         return None
-    if sparse_mode not in (2, 3):
+    if sparse_mode not in (2, 3, 4):
         raise NotImplementedError(f"emulated fused attention: sparse_mode {sparse_mode} with a mask not modelled")
     if atten_mask is None or atten_mask.reshape(-1, MASK_SIZE).shape != (MASK_SIZE, MASK_SIZE):
-        raise ValueError("sparse_mode 2/3 need the compressed 2048 x 2048 mask")
+        raise ValueError("sparse_mode 2/3/4 need the compressed 2048 x 2048 mask")
     mask = atten_mask.reshape(MASK_SIZE, MASK_SIZE)
     rows, cols = (slice(0, None, 97), slice(0, None, 89)) if mask.data_ptr() in _checked_masks else (slice(None),) * 2
     index = torch.arange(MASK_SIZE)
     expected = index[rows].unsqueeze(1) < index[cols].unsqueeze(0)  # strictly above the diagonal
     if not torch.equal(mask[rows, cols].bool(), expected):
-        raise ValueError("sparse_mode 2/3 mask must be the upper triangle above the diagonal (1 = masked)")
+        raise ValueError("sparse_mode 2/3/4 mask must be the upper triangle above the diagonal (1 = masked)")
     _checked_masks.add(mask.data_ptr())
     i = torch.arange(s_q).unsqueeze(1)
     j = torch.arange(s_kv).unsqueeze(0)
     shift = 0 if sparse_mode == 2 else s_kv - s_q  # 3 = right-down: the last query row sees every key
+    if sparse_mode == 4:  # band around the right-down diagonal
+        return (j >= i + shift - pre_tokens) & (j <= i + shift + next_tokens)
     return j <= i + shift
 
 

@@ -8,6 +8,7 @@ Tolerance: float32 logits within 1e-3 of the cpu backend's (observed ~1e-5: summ
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardserve.workers.device import get_backend, resolve_device
+from shardserve.workers.device import TorchOps, get_backend, resolve_device
 from shardserve.workers.loader.gguf_source import find_gguf_file
 from shardserve.workers.loader.tokenizer import Tokenizer
 from shardserve.workers.step import SeqStep
@@ -112,7 +113,11 @@ def teacher_forced_logits(worker: Worker, seqs: list[list[int]]) -> list[torch.T
 
 
 def loaded_worker(model_path: str, device: str) -> Worker:
+    """On cpu with the plain-torch op table: GGUF kept quantized in the exact reference layout (the CPU's int4
+    kernel rounds to bf16; the NPU table is checked against the reference)."""
     worker = Worker(model_path, device, "float32", None, 0, 1)
+    if device == "cpu":
+        worker.backend = dataclasses.replace(worker.backend, ops=TorchOps())
     worker.init("127.0.0.1", 0, threads=2)
     worker.init_cache(num_blocks=8, block_size=BLOCK)
     return worker

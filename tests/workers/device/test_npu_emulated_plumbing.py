@@ -65,7 +65,10 @@ def _mixed_batch():
     ]
 
 
-def test_npu_emulated_paged_kv_and_attention_match_torch_ops(npu_ops):
+@pytest.mark.parametrize("window", [None, 7], ids=["causal", "sliding-window"])
+def test_npu_emulated_paged_kv_and_attention_match_torch_ops(npu_ops, window):
+    """With a window, sparse_mode 4 (band) against TorchOps' window mask: the decode row and the chunked rows
+    see fewer keys than their context."""
     H, Hkv, D, bs, blocks = 6, 2, 64, 16, 10
     ids, positions, meta = ModelRunner(None, [], bs, torch.device("cpu"))._prepare(_mixed_batch())
     T = ids.shape[0]
@@ -77,8 +80,8 @@ def test_npu_emulated_paged_kv_and_attention_match_torch_ops(npu_ops):
     REF.write_kv(k, v, k_ref, v_ref, meta.slot_mapping)
     npu_ops.write_kv(k, v, k_npu, v_npu, meta.slot_mapping)
     assert torch.equal(k_npu, k_ref) and torch.equal(v_npu, v_ref)
-    out = npu_ops.paged_attention(q, k_npu, v_npu, meta, D**-0.5)
-    torch.testing.assert_close(out, REF.paged_attention(q, k_ref, v_ref, meta, D**-0.5), **F32)
+    out = npu_ops.paged_attention(q, k_npu, v_npu, meta, D**-0.5, window)
+    torch.testing.assert_close(out, REF.paged_attention(q, k_ref, v_ref, meta, D**-0.5, window), **F32)
 
 
 def _moe(ops, x, ids, weights, w13, w2, groups, shared):

@@ -78,3 +78,41 @@ def test_npu_emulated_table_inherits_the_grouped_quant_matmuls(npu_ops):
     scale = torch.rand(E, N) * 0.01
     torch.testing.assert_close(npu_ops.grouped_weight_quant_matmul(x, w, scale, COUNTS),
                                TorchOps().grouped_weight_quant_matmul(x, w, scale, COUNTS), rtol=1e-5, atol=1e-5)
+
+
+# ---- group-quantized (GGUF) weights on the npu table ------------------------------------------------------
+def _affine(n: int, k: int, group: int, with_zero: bool, seed: int = 0):
+    """q int8 [n, k], scale/zero [n, k/group]; one group with scale 0 and a zero (a constant sub-block)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-16, 16, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, k // group, generator=g) * 1e-2
+    zero = (torch.rand(n, k // group, generator=g) - 0.5) * 1e-1 if with_zero else None
+    scale[0, 1] = 0.0
+    return q, scale, zero
+
+
+@pytest.mark.parametrize("with_zero", [False, True], ids=["symmetric", "zero"])
+def test_npu_emulated_group_weights_through_weight_quant_batchmatmul(npu_ops, with_zero):
+    """Groups of 32 become npu_weight_quant_batchmatmul's antiquant scale and offset = -zero / scale (a scale-0
+    group exactly: values 0, scale zero, offset -1); in bf16 as the kernel takes them. Tolerance: bf16 rounding
+    of x, scale, offset and the output (2^-8 relative, summed over K = 128 terms)."""
+    q, scale, zero = _affine(48, 128, 32, with_zero)
+    ref_ops = TorchOps()
+    packed = npu_ops.pack_groups(q, scale, zero, 32)
+    assert packed.layout == "antiquant"
+    w_ref = ref_ops.group_dequantize(ref_ops.pack_groups(q, scale, zero, 32))
+    torch.testing.assert_close(npu_ops.group_dequantize(packed), w_ref, rtol=1e-5, atol=1e-7)
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    y = npu_ops.group_matmul(x, packed)
+    ref = x.float() @ w_ref.T
+    assert y.dtype == torch.bfloat16 and y.shape == (5, 48)
+    assert ((y.float() - ref).abs() <= 2**-6 * (x.float().abs() @ w_ref.abs().T) + 1e-3).all()
+
+
+def test_npu_emulated_groups_of_16_keep_the_reference_layout(npu_ops):
+    """The kernel takes groups that are multiples of 32: Q2_K/Q3_K/Q6_K's 16 stay in the plain layout."""
+    q, scale, zero = _affine(16, 64, 16, True)
+    packed = npu_ops.pack_groups(q, scale, zero, 16)
+    assert packed.layout == "groups"
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(npu_ops.group_matmul(x, packed), TorchOps().group_matmul(x, packed))

@@ -229,8 +229,11 @@ def hf_logprobs(hf, seqs: list[list[int]]) -> list[torch.Tensor]:
         return [torch.log_softmax(hf(torch.tensor([s])).logits[0].float(), dim=-1) for s in seqs]
 
 
-def in_process_worker(path: str) -> Worker:
+def in_process_worker(path: str, ops: TorchOps | None = None) -> Worker:
+    """`ops`: an op table instead of the CPU's (TorchOps: GGUF kept quantized in the exact reference layout)."""
     worker = Worker(path, "cpu", "float32", None, rank=0, tp_size=1)
+    if ops is not None:
+        worker.backend = dataclasses.replace(worker.backend, ops=ops)
     worker.init("127.0.0.1", 0)
     worker.init_cache(num_blocks=len(SEQ_LENS) * 2, block_size=BLOCK)
     return worker
@@ -255,10 +258,14 @@ def test_model_matches_hf(name: str):
 @pytest.mark.parametrize("gguf_type", ["F16", "Q8_0"])
 @pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe"])
 def test_gguf_model_matches_hf_on_dequantized_weights(name: str, gguf_type: str):
+    """Q8_0 stays quantized (experts stacked [E, N, K] int8 + scales) in the exact reference layout, as on CUDA;
+    the CPU kernels' bf16 rounding is bounded in tests/workers/quant/test_gguf_groups.py."""
     hf = hf_reference(name, gguf_type)
     seqs = sequences(hf.config.vocab_size)
-    worker = in_process_worker(fixtures().gguf_model(name, gguf_type))
+    worker = in_process_worker(fixtures().gguf_model(name, gguf_type), TorchOps())
     assert worker.cfg.norm_topk_prob == hf.config.norm_topk_prob
+    experts = worker.model.layers[0].mlp.w13
+    assert experts.grouped == (gguf_type == "Q8_0")
     assert_matches(teacher_forced(worker.execute, seqs, hf.config.vocab_size), hf_logprobs(hf, seqs))
 
 

@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,7 +81,7 @@ CATALOG: dict[str, Case] = {
     ),
     "gguf-unknown-architecture": Case(
         lambda tmp, _: _gguf(tmp, arch="mamba"), "tiny.gguf", None,
-        r"unsupported general.architecture 'mamba'; supported: \['llama', ",
+        r"unsupported general.architecture 'mamba'; supported: \[.*'llama'",
     ),
     "gguf-missing-tensor": Case(
         lambda tmp, _: _gguf(tmp, drop="blk.0.ffn_down.weight"), "tiny.gguf", "model.layers.0.mlp.down_proj.weight",
@@ -89,6 +90,11 @@ CATALOG: dict[str, Case] = {
     "gguf-left-over-tensor": Case(
         lambda tmp, _: _gguf(tmp, extra={"blk.1.attn_q.weight": torch.zeros(64, 64).numpy()}), "tiny.gguf", None,
         r"1 tensors were not loaded by any layer: \['model.layers.1.self_attn.q_proj.weight'\]",
+    ),
+    "gguf-unknown-tensor": Case(  # gpt-oss's attention sinks: a weight no llama layer would load
+        lambda tmp, _: _gguf(tmp, extra={"blk.0.attn_sinks.weight": np.zeros(4, np.float32)}), "tiny.gguf",
+        "blk.0.attn_sinks.weight", r"no llama layer loads this tensor, nor is it rope_freqs.weight or "
+        r"blk.N.attn_rot_embd.weight: .*1 such tensor\(s\): \['blk.0.attn_sinks.weight'\]$",
     ),
     "gguf-wrong-shape": Case(
         lambda tmp, _: _gguf(tmp, shapes={"blk.0.ffn_gate.weight": (96, 64)}), "tiny.gguf",
@@ -170,6 +176,14 @@ def test_the_valid_checkpoints_load(tmp_path, cache_dir):
     for path in (_gguf(str(tmp_path)), _st(str(tmp_path), cache_dir)):
         worker = Worker(path, "cpu", "float32", None, 0, 1)
         assert worker.init("127.0.0.1", 0)["architecture"] == "llama"
+
+
+def test_known_extra_gguf_tensors_load(tmp_path):
+    """The unmapped tensors llama.cpp's files may hold load: RoPE frequency factors (read by the model) and the
+    per-layer rotary inv_freq (recomputed)."""
+    extra = {"rope_freqs.weight": np.ones(8, np.float32), "blk.0.attn_rot_embd.weight": np.ones(8, np.float32)}
+    worker = Worker(_gguf(str(tmp_path), extra=extra), "cpu", "float32", None, 0, 1)
+    assert worker.init("127.0.0.1", 0)["architecture"] == "llama"
 
 
 @pytest.mark.parametrize("name", list(CATALOG))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ import pytest
 import transformers
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
+from shardserve.workers.loader.source import CheckpointError
 from shardserve.workers.loader.tokenizer import NO_CHAT_TEMPLATE, Tokenizer
+from tests.fixtures.tiny_models import make_tiny
 
 TEXTS = [
     "Hello world",
@@ -326,3 +329,67 @@ def test_from_hf_dir_reads_bos_from_post_processor(tmp_path: Path, ours: Tokeniz
     assert loaded.add_bos_token and loaded.eos_token_id is None and loaded.chat_template is None
     assert loaded.encode("hi") == [1, *ours.encode("hi", add_special_tokens=False)]
     assert loaded.encode("hi", add_special_tokens=False) == ours.encode("hi", add_special_tokens=False)
+
+
+# ---- chat templates are checkpoint content: refused at load when they reach past the sandbox -------------
+
+ESCAPING_TEMPLATES = [
+    ("{{ messages.__class__.__mro__[1].__subclasses__() }}", "it reads the attribute '__class__' (line 1); reads the "
+     "attribute '__mro__' (line 1); reads the attribute '__subclasses__' (line 1)"),
+    ("{{ cycler.__init__.__globals__.os.popen('id').read() }}", "attribute '__init__'"),
+    ("{% for m in messages %}{{ m['__class__'] }}{% endfor %}", "attribute '__class__'"),
+    ("{{ raise_exception|attr('__globals__') }}", "attribute '__globals__'"),
+    ("{{ lipsum.func_globals }}", "attribute 'func_globals'"),
+    ("{{ self._TemplateReference__context }}", "attribute '_TemplateReference__context'"),
+    ("{{ __builtins__ }}", "variable '__builtins__'"),
+    ("{{ messages|shell }}", "filter 'shell'"),
+    ("{% if messages is executable %}x{% endif %}", "test 'executable'"),
+    ("{% include 'secrets.txt' %}", "tag 'include'"),
+    ("{% exec 'import os' %}", "unknown tag 'exec'"),
+]
+
+
+def _hf_dir(tmp_path: Path, ours: Tokenizer, config: dict[str, Any]) -> Path:
+    ours.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", **config}))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("template", "refused"), ESCAPING_TEMPLATES)
+def test_escaping_template_in_tokenizer_config_is_refused_at_load(
+    tmp_path: Path, ours: Tokenizer, template: str, refused: str
+) -> None:
+    path = _hf_dir(tmp_path, ours, {"chat_template": template})
+    with pytest.raises(CheckpointError, match=re.escape(refused)) as e:
+        Tokenizer.from_hf_dir(str(path))
+    assert str(e.value).startswith(f"{path / 'tokenizer_config.json'}: key chat_template: the chat template")
+
+
+def test_escaping_template_in_chat_template_jinja_is_refused_at_load(tmp_path: Path, ours: Tokenizer) -> None:
+    path = _hf_dir(tmp_path, ours, {})
+    (path / "chat_template.jinja").write_text("{{ messages.__class__ }}")
+    with pytest.raises(CheckpointError, match=re.escape(f"{path / 'chat_template.jinja'}: the chat template is refused")):
+        Tokenizer.from_hf_dir(str(path))
+
+
+def test_escaping_template_in_gguf_is_refused_at_load(tmp_path: Path, gguf_fields: dict[str, Any]) -> None:
+    template = ("{{ ''.__class__.__mro__[1].__subclasses__() }}", GGUFValueType.STRING, None)
+    path = write_vocab_gguf(tmp_path / "evil.gguf", gguf_fields, {"tokenizer.chat_template": template})
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: key tokenizer.chat_template: the chat template is refused: it reads the attribute '__class__'")):
+        Tokenizer.from_gguf(path)
+
+
+def test_computed_attribute_name_is_stopped_by_the_sandbox_when_rendered(tmp_path: Path, ours: Tokenizer) -> None:
+    """A name the tree cannot show (built at render time) passes the load check; the sandbox refuses it then."""
+    path = _hf_dir(tmp_path, ours, {"chat_template": "{{ messages[('__cla' ~ 'ss__')]() }}"})
+    loaded = Tokenizer.from_hf_dir(str(path))
+    with pytest.raises(ValueError, match="unsafe"):
+        loaded.apply_chat_template(CONVERSATION)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_tiny_model_templates_load_and_render_as_transformers(cache_dir: str, arch: str) -> None:
+    path = make_tiny(arch, cache_dir)
+    rendered = Tokenizer.from_hf_dir(path).apply_chat_template(CONVERSATION)
+    ref = transformers.AutoTokenizer.from_pretrained(path)
+    assert rendered == ref.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)

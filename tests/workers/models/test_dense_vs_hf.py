@@ -25,8 +25,8 @@ TEXTS = [
 ]
 
 
-def _worker(path: str, cpu_int4_kernel: bool = False) -> Worker:
-    w = Worker(path, "cpu", "float32", None, 0, 1, cpu_int4_kernel=cpu_int4_kernel)
+def _worker(path: str, gguf_dequantize: bool = False) -> Worker:
+    w = Worker(path, "cpu", "float32", None, 0, 1, gguf_dequantize=gguf_dequantize)
     w.init("127.0.0.1", 0)
     w.init_cache(8, 16)
     return w
@@ -57,26 +57,29 @@ def smollm2_hf(smollm2_path) -> tuple[list[list[int]], torch.Tensor]:
 
 
 def test_smollm2_gguf_matches_hf_transformers(smollm2_path, smollm2_hf):
-    """Tolerance: top-1 agreement >= 0.99 and mean KL <= 1e-3 over >= 200 positions (issue 3)."""
+    """Dequantized at load (--gguf-dequantize), as HF does. Tolerance: top-1 agreement >= 0.99 and mean KL <= 1e-3
+    over >= 200 positions (issue 3)."""
     ids, ref = smollm2_hf
-    worker = _worker(smollm2_path)
+    worker = _worker(smollm2_path, gguf_dequantize=True)
     top1, kl = _compare(torch.cat([worker.score(i) for i in ids]), ref)
     assert top1 >= 0.99, top1
     assert kl <= 1e-3, kl
     print(f"SmolLM2 Q4_1 vs HF over {ref.shape[0]} positions: top-1 {top1:.4f}, mean KL {kl:.2e}")
 
 
-def test_smollm2_cpu_int4_kernel_close_to_hf(smollm2_path, smollm2_hf):
-    """The opt-in CPU int4 kernel rounds activations, scales and outputs to bf16. Tolerance: mean KL <= 1e-3 as
-    above, top-1 >= 0.97: the rounding flips near-ties (measured: KL 3.5e-4, 3 flips of 225 positions, each
-    where HF's two best logits are within 0.07 of each other)."""
+def test_smollm2_kept_quantized_close_to_hf(smollm2_path, smollm2_hf):
+    """The default: weights kept quantized, the CPU int4 kernel rounding activations, scales and outputs to bf16.
+    Measured: top-1 0.987 (3 flips of 225 positions, near-ties), mean KL 8.2e-4 (Q4_1 layers in one kernel call,
+    the tied Q8_0 head in two). Tolerance: top-1 >= 0.974 and mean KL <= 1.8e-3, within the noise floor of
+    HF vs llama.cpp on this file (top-1 0.974, mean KL 0.0036, issue 16) with KL at half of it."""
     ids, ref = smollm2_hf
-    worker = _worker(smollm2_path, cpu_int4_kernel=True)
-    assert all(layer.mlp.down.int4 for layer in worker.model.layers)
+    worker = _worker(smollm2_path)
+    assert all(layer.mlp.down.grouped for layer in worker.model.layers)
+    assert worker.model.embed_tokens.qweight is not None and worker.model.lm_head.qweight.layout == "int4pack2"
     top1, kl = _compare(torch.cat([worker.score(i) for i in ids]), ref)
-    assert top1 >= 0.97, top1
-    assert kl <= 1e-3, kl
-    print(f"SmolLM2 Q4_1, CPU int4 kernel, vs HF over {ref.shape[0]} positions: top-1 {top1:.4f}, mean KL {kl:.2e}")
+    assert top1 >= 0.974, top1
+    assert kl <= 1.8e-3, kl
+    print(f"SmolLM2 Q4_1 kept quantized (CPU int4 kernel) vs HF over {ref.shape[0]} positions: top-1 {top1:.4f}, mean KL {kl:.2e}")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

@@ -1,0 +1,298 @@
+"""GGUF kept quantized: block decoding vs gguf-py's dequantize for every integer type, each op table's layout vs
+the decoded values, group_matmul vs a float matmul of what the layout holds, and real SmolLM2 layers under TP.
+
+Tolerances, per element (u = 2^-8, bf16's unit roundoff):
+- decode and the reference layout ("groups", TorchOps: CUDA's and the fallback everywhere): exact, bit for bit.
+- CPU kernel layouts (ATen int4, bf16 scales and zeros): |dw| <= u ((|q| + 32) |scale| + |zero|), the rounding of
+  scale, 16 scale and zero + (lo + 8) scale to bf16 (cpu.CpuOps docstring); its matmul additionally rounds x and
+  the output to bf16: |dy| <= 2u (|x| @ |w|.T) + u |y|.
+Random blocks are random bytes with the fp16 (or E8M0) scale fields set to finite values: every bit pattern of
+the integer fields is a valid block, so this covers all values the types can hold.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGUFWriter
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize, quantize
+
+from shardserve.workers.device.base import TorchOps
+from shardserve.workers.device.cpu import CpuOps
+from shardserve.workers.distributed import TPGroup
+from shardserve.workers.layers.linear import LinearBase, column_parallel, qkv_parallel, row_parallel
+from shardserve.workers.loader.gguf_source import GGUFSource
+from shardserve.workers.loader.source import CheckpointError
+from shardserve.workers.quant.gguf import GGUF
+from shardserve.workers.quant.gguf_groups import decodable, decode
+
+U = 2.0**-8
+TABLES = {"reference": TorchOps(), "cpu": CpuOps()}
+# byte offsets of each type's fp16 scale fields in its block (ggml-common.h)
+FP16_FIELDS = {
+    T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.Q2_K: [80, 82], T.Q3_K: [108],
+    T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.IQ4_NL: [0], T.IQ4_XS: [0], T.TQ1_0: [52], T.TQ2_0: [64],
+}
+TABLE_TYPES = [*FP16_FIELDS, T.MXFP4, T.NVFP4]
+QUANTIZABLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.TQ1_0, T.TQ2_0, T.MXFP4]  # gguf-py's own quantizers
+
+
+def random_blocks(qtype: T, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """[n, k / block * type_size] uint8: random integer fields, finite scales over three decades, both signs."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, (n * (k // block), size), dtype=np.uint8)
+    for off in FP16_FIELDS.get(qtype, []):
+        d = (rng.choice([-1, 1], b.shape[0]) * 10.0 ** rng.uniform(-4, -1, b.shape[0])).astype(np.float16)
+        b[:, off : off + 2] = d.view(np.uint8).reshape(-1, 2)
+    if qtype == T.MXFP4:
+        b[:, 0] = rng.integers(110, 130, b.shape[0])
+    return b.reshape(n, -1)
+
+
+def _weights(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Rows with magnitudes over four decades and an offset, so scales and zeros span many exponents."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32) * (10.0 ** rng.uniform(-4, 0, (n, 1))).astype(np.float32)
+    return w + rng.uniform(-0.01, 0.01, (n, 1)).astype(np.float32)
+
+
+def _k(qtype: T) -> int:
+    return 512 if GGML_QUANT_SIZES[qtype][0] >= 256 else 256
+
+
+# ---- decoding ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", TABLE_TYPES, ids=lambda t: t.name)
+def test_decode_random_blocks_matches_gguf_py_exactly(qtype):
+    blocks = random_blocks(qtype, 32, _k(qtype))
+    g = decode(qtype, blocks)
+    assert decodable(qtype) and g is not None
+    assert g.q.dtype == np.int8 and g.q.shape == (32, _k(qtype)) and g.scale.shape == (32, _k(qtype) // g.group)
+    assert np.array_equal(g.dequantize(), dequantize(blocks, qtype))
+
+
+@pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda t: t.name)
+def test_decode_quantized_weights_matches_gguf_py_exactly(qtype):
+    blocks = quantize(_weights(48, 512), qtype)
+    assert np.array_equal(decode(qtype, blocks).dequantize(), dequantize(blocks, qtype))
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.IQ2_XXS, T.IQ3_S, T.IQ1_M], ids=lambda t: t.name)
+def test_float_and_grid_types_are_not_decoded(qtype):
+    assert not decodable(qtype)
+
+
+def test_a_nan_scale_is_refused_naming_the_type():
+    blocks = random_blocks(T.Q4_K, 4, 256)
+    blocks[1, 0:2] = np.array([np.nan], np.float16).view(np.uint8)
+    with pytest.raises(ValueError, match="Q4_K: block"):
+        decode(T.Q4_K, blocks)
+
+
+# ---- op table layouts ----------------------------------------------------------------------------------
+def _pieces(qtype: T, n: int, k: int, seed: int = 0):
+    g = decode(qtype, random_blocks(qtype, n, k, seed))
+    zero = None if g.zero is None else torch.from_numpy(g.zero)
+    return torch.from_numpy(g.q), torch.from_numpy(g.scale), zero, g.group, torch.from_numpy(g.dequantize())
+
+
+def _cpu_bound(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> torch.Tensor:
+    s = scale.abs().repeat_interleave(group, -1)
+    z = 0 if zero is None else zero.abs().repeat_interleave(group, -1)
+    return U * ((q.float().abs() + 32) * s + z) * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("table", list(TABLES))
+@pytest.mark.parametrize("qtype", TABLE_TYPES, ids=lambda t: t.name)
+def test_layout_holds_the_checkpoint_values(table, qtype):
+    ops = TABLES[table]
+    q, scale, zero, group, w = _pieces(qtype, 64, _k(qtype))
+    packed = ops.pack_groups(q, scale, zero, group)
+    held = ops.group_dequantize(packed)
+    if packed.layout == "groups":
+        assert torch.equal(held, w)
+    else:
+        assert table == "cpu" and packed.layout in ("int4pack", "int4pack2")
+        assert ((held - w).abs() <= _cpu_bound(q, scale, zero, group)).all()
+    lookup = ops.pack_groups(q, scale, zero, group, lookup=True)
+    ids = torch.tensor([5, 0, 63, 5])
+    assert lookup.layout == "groups" and torch.equal(ops.group_rows(lookup, ids), w[ids])
+
+
+def test_cpu_layouts_by_type():
+    """int4 values (Q4_*, TQ*) one kernel call; int8 values two; groups of 16 the reference."""
+    ops = TABLES["cpu"]
+    layouts = {t.name: ops.pack_groups(*_pieces(t, 64, _k(t))[:4]).layout for t in TABLE_TYPES}
+    assert layouts["Q4_0"] == layouts["Q4_1"] == layouts["Q4_K"] == layouts["TQ2_0"] == "int4pack"
+    assert layouts["Q8_0"] == layouts["Q5_K"] == layouts["IQ4_XS"] == layouts["MXFP4"] == "int4pack2"
+    assert layouts["Q6_K"] == layouts["Q2_K"] == layouts["Q3_K"] == layouts["NVFP4"] == "groups"
+
+
+@pytest.mark.parametrize("table", list(TABLES))
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 7])
+def test_group_matmul_matches_a_matmul_of_the_held_weight(table, qtype, rows):
+    ops = TABLES[table]
+    q, scale, zero, group, _ = _pieces(qtype, 96, 512, seed=rows)
+    packed = ops.pack_groups(q, scale, zero, group)
+    x = torch.randn(rows, 512)
+    w = ops.group_dequantize(packed)
+    y_ref = F.linear(x, w)
+    y = ops.group_matmul(x, packed)
+    assert y.shape == (rows, 96) and y.dtype == x.dtype
+    if packed.layout == "groups":
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    else:
+        bound = 2 * U * F.linear(x.abs(), w.abs()) + U * y_ref.abs() + 1e-6
+        assert ((y - y_ref).abs() <= bound).all()
+
+
+def test_stacked_experts_grouped_matmul_matches_per_expert():
+    ops = TorchOps()
+    E, N, K = 3, 32, 256
+    g = decode(T.Q4_K, random_blocks(T.Q4_K, E * N, K).reshape(E, N, -1))
+    assert g.q.shape == (E, N, K) and g.scale.shape == (E, N, K // 32)
+    w = ops.pack_groups(torch.from_numpy(g.q), torch.from_numpy(g.scale), torch.from_numpy(g.zero), g.group)
+    counts = torch.tensor([2, 0, 3])
+    x = torch.randn(5, K)
+    y = ops.grouped_group_matmul(x, w, counts)
+    full = torch.from_numpy(g.dequantize())  # [E, N, K]
+    ref = torch.cat([x[:2] @ full[0].T, x[2:] @ full[2].T])
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+
+
+# ---- real SmolLM2 layers under TP ----------------------------------------------------------------------
+def _layers(prefix: str, tp: TPGroup, ops: TorchOps, hidden: int, inter: int, heads: int, kv: int, d: int, quant):
+    return {
+        "qkv": qkv_parallel(f"{prefix}.self_attn.qkv_proj", hidden, d, heads, kv, quant, tp, ops, torch.float32, False),
+        "o_proj": row_parallel(f"{prefix}.self_attn.o_proj", heads * d, hidden, quant, tp, ops, torch.float32),
+        "gate_up": column_parallel(
+            f"{prefix}.mlp.gate_up_proj", [f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj"], hidden, [inter, inter],
+            quant, tp, ops, torch.float32,
+        ),
+        "down": row_parallel(f"{prefix}.mlp.down_proj", inter, hidden, quant, tp, ops, torch.float32),
+    }
+
+
+def _expected(source: GGUFSource, layer: LinearBase) -> torch.Tensor:
+    """The rank's slice of the whole weight as gguf-py dequantizes it (GGUFSource.read of the full tensor)."""
+    spec, parts = layer.spec, []
+    for sub, shard in zip(spec.sub_prefixes, spec.output_shards):
+        w = source.read(f"{sub}.weight")  # [N, K], HF row order
+        if spec.parallel == "column":
+            w = w[shard.start : shard.start + shard.length]
+        parts.append(w[:, spec.input_shard.start : spec.input_shard.start + spec.input_shard.length])
+    return torch.cat(parts)
+
+
+def _model_layers(source: GGUFSource, rank: int, tp: int, ops: TorchOps, quant=None):
+    cfg = source.model_config
+    return _layers("model.layers.0", TPGroup(rank, tp), ops, cfg.hidden_size, cfg.intermediate_size,
+                   cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, quant or GGUF())
+
+
+@pytest.mark.parametrize("table", list(TABLES))
+@pytest.mark.parametrize("rank", [0, 2])
+def test_smollm2_layer0_tp3_slices(smollm2_path, rank, table):
+    """SmolLM2 Q4_1: 9 heads, 3 KV heads, hidden 576, intermediate 1536; TP 3 splits o_proj's K into 192."""
+    source, ops = GGUFSource(smollm2_path), TABLES[table]
+    torch.manual_seed(rank)
+    for name, layer in _model_layers(source, rank, 3, ops).items():
+        layer.load(source)
+        assert layer.grouped and not hasattr(layer, "weight") and not hasattr(layer, "q"), name
+        w = layer.method.reference_weight(layer)
+        expected = _expected(source, layer)
+        assert w.shape == expected.shape == (layer.spec.local_out, layer.spec.local_in), name
+        if layer.qweight.layout == "groups":
+            assert torch.equal(w, expected), name
+        else:  # Q4_1: |dw| <= u (8 |d| + |m + 8 d|) <= u (|w| + 16 |d|); bound via the largest d of the layer
+            assert (w - expected).abs().max() <= U * (expected.abs().max() + 32 * expected.abs().max()), name
+        x = torch.randn(4, layer.spec.local_in)
+        y_ref = x @ w.T
+        y = layer.method.apply(layer, x, True)
+        assert ((y - y_ref).abs() <= 2 * U * (x.abs() @ w.abs().T) + U * y_ref.abs() + 1e-6).all(), name
+
+
+def test_gguf_dequantize_keeps_float_weights(smollm2_path):
+    source = GGUFSource(smollm2_path)
+    layer = _model_layers(source, 0, 1, CpuOps(), GGUF(dequantize=True))["down"]
+    layer.load(source)
+    assert not layer.grouped and not hasattr(layer, "qweight")
+    assert torch.equal(layer.weight, source.read("model.layers.0.mlp.down_proj.weight"))
+
+
+# ---- a file mixing types -------------------------------------------------------------------------------
+HIDDEN, INTER, HEADS, KV = 512, 512, 4, 2
+
+
+def _mixed_gguf(path: str, types: dict[str, T]) -> str:
+    """A one-layer llama GGUF with the given type per tensor (random valid blocks)."""
+    writer = GGUFWriter(path, "llama")
+    for key, value in [("block_count", 1), ("embedding_length", HIDDEN), ("feed_forward_length", INTER),
+                       ("attention.head_count", HEADS), ("attention.head_count_kv", KV), ("context_length", 64),
+                       ("vocab_size", 32)]:
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-6)
+    shapes = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (HIDDEN // 2, HIDDEN), "attn_v": (HIDDEN // 2, HIDDEN),
+              "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN),
+              "ffn_down": (HIDDEN, INTER)}
+    for i, (name, (n, k)) in enumerate(shapes.items()):
+        qtype = types[name]
+        data = _weights(n, k, i).astype(np.float16) if qtype == T.F16 else random_blocks(qtype, n, k, seed=i)
+        writer.add_tensor(f"blk.0.{name}.weight", data, raw_dtype=None if qtype == T.F16 else qtype)
+    writer.add_tensor("token_embd.weight", random_blocks(T.Q6_K, 32, HIDDEN), raw_dtype=T.Q6_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+Q4_K_M_LIKE = {"attn_q": T.Q4_K, "attn_k": T.Q4_K, "attn_v": T.Q6_K, "attn_output": T.Q4_K, "ffn_gate": T.Q4_K,
+               "ffn_up": T.Q5_K, "ffn_down": T.Q6_K}
+
+
+@pytest.mark.parametrize("table", list(TABLES))
+@pytest.mark.parametrize("rank", [0, 1])
+def test_fused_layers_of_mixed_types_share_the_finer_group(tmp_path, table, rank):
+    """qkv = Q4_K + Q4_K + Q6_K (groups of 32, 32, 16 -> 16, a zero for all); gate_up Q4_K + Q5_K; TP 2."""
+    source = GGUFSource(_mixed_gguf(os.path.join(tmp_path, "mixed.gguf"), Q4_K_M_LIKE))
+    ops = TABLES[table]
+    for name, layer in _model_layers(source, rank, 2, ops).items():
+        layer.load(source)
+        assert layer.grouped, name
+        assert layer.qweight.group == (16 if name in ("qkv", "down") else 32), name
+        w, expected = layer.method.reference_weight(layer), _expected(source, layer)
+        if layer.qweight.layout == "groups":
+            assert torch.equal(w, expected), name
+        else:
+            assert (w - expected).abs().max() <= 40 * U * expected.abs().max(), name
+
+
+def test_a_float_tensor_in_a_fused_layer_keeps_the_layer_float(tmp_path):
+    types = dict(Q4_K_M_LIKE, attn_v=T.F16)
+    source = GGUFSource(_mixed_gguf(os.path.join(tmp_path, "f16v.gguf"), types))
+    layers = _model_layers(source, 0, 1, TorchOps())
+    for layer in layers.values():
+        layer.load(source)
+    assert not layers["qkv"].grouped and layers["o_proj"].grouped
+    assert torch.equal(layers["qkv"].weight, _expected(source, layers["qkv"]))
+
+
+def test_a_corrupt_scale_fails_at_load_naming_file_and_tensor(tmp_path):
+    path = _mixed_gguf(os.path.join(tmp_path, "bad.gguf"), Q4_K_M_LIKE)
+    source = GGUFSource(path)
+    data = source.tensor("model.layers.0.mlp.down_proj.weight").data
+    raw = np.memmap(path, mode="r+", dtype=np.uint8)
+    offset = data.ctypes.data - np.asarray(source._readers[0].data).ctypes.data  # the tensor's first block
+    raw[offset + 208 : offset + 210] = np.array([np.inf], np.float16).view(np.uint8)  # Q6_K d := inf
+    raw.flush()
+    del raw, source, data
+    layer = _model_layers(GGUFSource(path), 0, 1, TorchOps())["down"]
+    with pytest.raises(CheckpointError, match=r"bad\.gguf.*ffn_down|down_proj.*Q6_K"):
+        layer.load(GGUFSource(path))
