@@ -244,7 +244,7 @@ def ratios(results: dict[str, EngineResult]) -> dict[str, float]:
 
 def table(results: dict[str, EngineResult], args: argparse.Namespace) -> str:
     c = args.concurrency
-    head = f"{'engine':<14}{'b1 decode':>11}{'b1 e2e':>9}{f'{c}x decode':>12}{f'{c}x e2e':>10}  notes"
+    head = f"{'engine':<24}{'b1 decode':>11}{'b1 e2e':>9}{f'{c}x decode':>12}{f'{c}x e2e':>10}  notes"
     lines = [
         f"tok/s, {args.threads} threads, batch-1: {args.new_tokens} decode tokens, "
         f"{c}-concurrent: {args.concurrent_tokens} decode tokens each",
@@ -254,10 +254,10 @@ def table(results: dict[str, EngineResult], args: argparse.Namespace) -> str:
     for r in results.values():
         b, k = r.batch1, r.concurrent
         lines.append(
-            f"{r.engine:<14}{b.decode_tps:>11.1f}{b.e2e_tps:>9.1f}{k.decode_tps:>12.1f}{k.e2e_tps:>10.1f}  "
+            f"{r.engine:<24}{b.decode_tps:>11.1f}{b.e2e_tps:>9.1f}{k.decode_tps:>12.1f}{k.e2e_tps:>10.1f}  "
             + "; ".join(r.notes)
         )
-    lines += [f"{k:<42}{v:>7.2f}x" for k, v in ratios(results).items()]
+    lines += [f"{k:<56}{v:>7.2f}x" for k, v in ratios(results).items()]
     return "\n".join(lines)
 
 
