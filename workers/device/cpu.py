@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from shardserve.workers.device.base import DeviceBackend, TorchOps
-from shardserve.workers.device.quant_ops import GroupWeight
+from shardserve.workers.device.quant_ops import GroupWeight, _dequantize_groups
 
 # ATen's CPU int4 kernels (torch >= 2.5): weight [N, K] in a blocked nibble layout, activations and
 # scales/zeros in one dtype; _weight_int4pack_mm_cpu checks N % 16 == 0, G in {32, 64, 128, 256} and K % G == 0.
@@ -104,9 +104,8 @@ def _unpack(packed: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
 
 def _dequantize_int4(u: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
     """u [N, K] in 0..15, sz [K/G, N, 2] -> (u - 8) * scale + zero, float32 [N, K]."""
-    N, K = u.shape
-    s, z = sz.float().permute(2, 1, 0).unsqueeze(-1)  # [N, K/G, 1] each
-    return ((u.view(N, K // group, group) - 8) * s + z).view(N, K)
+    scale, zero = sz.float().permute(2, 1, 0)  # [N, K/G] each
+    return _dequantize_groups(u - 8, scale, zero, group)
 
 
 def backend() -> DeviceBackend:

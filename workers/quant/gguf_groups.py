@@ -35,6 +35,7 @@ CPU kernel, an offset -zero / scale on the NPU) is stated where the layout is ma
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import gguf.quants
@@ -148,9 +149,10 @@ def _scales(qtype: GGMLQuantizationType, b: np.ndarray) -> tuple[np.ndarray, np.
     return None
 
 
+@functools.cache
 def decodable(qtype: GGMLQuantizationType) -> bool:
     """Whether `qtype` is in the table (an affine map of integers per group)."""
-    block, type_size = GGML_QUANT_SIZES[qtype]
+    type_size = GGML_QUANT_SIZES[qtype][1]
     return qtype not in (T.F32, T.F16, T.BF16) and _scales(qtype, np.zeros((1, type_size), np.uint8)) is not None
 
 
@@ -162,7 +164,7 @@ def decode(qtype: GGMLQuantizationType, blocks: np.ndarray) -> Groups | None:
     the table. Raises ValueError when the integers do not give back gguf-py's values exactly (a corrupt scale)."""
     if not decodable(qtype):
         return None
-    block, type_size = GGML_QUANT_SIZES[qtype]
+    type_size = GGML_QUANT_SIZES[qtype][1]
     lead = blocks.shape[:-1]
     flat = blocks.reshape(-1, type_size)  # [R, type_size], R blocks (a view of a C-contiguous read)
     parts = [_decode_blocks(qtype, flat[i : i + CHUNK_BLOCKS], i) for i in range(0, flat.shape[0], CHUNK_BLOCKS)]
