@@ -92,6 +92,7 @@ class Worker:
         source, cfg = open_checkpoint(self.model_path)
         cfg.enable_expert_parallel = self.enable_expert_parallel
         quant = detect(self.model_path, self.quantization, gguf_dequantize=self.gguf_dequantize)
+        quant.bind(source)
         model = model_class(cfg.architecture)(cfg, quant, tp, self.backend.ops, self.dtype)
         model.load(source, progress=self._progress)
         check_consumed(source, cfg)

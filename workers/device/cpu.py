@@ -1,4 +1,5 @@
-"""The CPU backend: plain torch ops, ATen's CPU int4 weight kernel for group-quantized weights, gloo collectives."""
+"""The CPU backend: plain torch ops, ATen's CPU int4 weight kernel for group-quantized weights and int8 GEMM for
+W8A8-style schemes, gloo collectives."""
 
 from __future__ import annotations
 
@@ -53,6 +54,13 @@ class CpuOps(TorchOps):
             hi=_pack(q >> 4, 8), sz_hi=_scales_zeros(16 * s, z + 8 * s),
             lo4=_pack(q & 15, 0), sz_lo=_scales_zeros(s, torch.zeros_like(s)),
         )
+
+    def _int_sums(self, x_q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """int8 x int8 -> int32 through ATen's CPU int8 GEMM (exact for K < 2^17), which takes any shape; int4 values
+        held in int8 (W4A4, W4A8) go the same way."""
+        if x_q.dtype == torch.int8 and w.dtype == torch.int8:
+            return torch._int_mm(x_q.contiguous(), w.t())  # [M, K] @ [K, N]
+        return super()._int_sums(x_q, w)
 
     def group_matmul(self, x: torch.Tensor, w: GroupWeight) -> torch.Tensor:
         if w.layout == "int4pack":

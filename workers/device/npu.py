@@ -313,6 +313,30 @@ class NpuOps(TorchOps):
             x, w, antiquant_scale, antiquant_offset, antiquant_group_size=group_size
         )
 
+    def grouped_dynamic_quant_matmul(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        scale: torch.Tensor,
+        group_counts: torch.Tensor,
+        bits: int = 8,
+        group: int = 0,
+    ) -> torch.Tensor:
+        """W8A8_DYNAMIC and W4A8 experts (int4 values in int8, per channel): npu_dynamic_quant per token, then one
+        A8W8 npu_grouped_matmul. W4A4 and per-group scales run the plain-torch reference."""
+        if bits != 8 or group:
+            return super().grouped_dynamic_quant_matmul(x, w, scale, group_counts, bits, group)
+        # [doc] npu_grouped_matmul(x=[x_q int8 [M, K]], weight=[w int8 [E, K, N]], scale=[[E, N]], per_token_scale=[[M]
+        # float32], group_list, split_item=2, group_type=0, group_list_type=1 (counts), output_dtype bf16/fp16):
+        # y = (x_q @ w) * scale * per_token_scale. vllm-ascend ops/fused_moe/moe_mlp.py quant_apply_mlp (w8a8 dynamic)
+        x_q, pertoken = self.npu.npu_dynamic_quant(x.contiguous())
+        out_dtype = _half(x.dtype)
+        y = self.npu.npu_grouped_matmul(
+            [x_q], [w.transpose(1, 2)], scale=[scale.to(out_dtype)], per_token_scale=[pertoken],
+            group_list=group_counts, split_item=2, group_type=0, group_list_type=1, output_dtype=out_dtype,
+        )[0]
+        return y.to(x.dtype)
+
     # --- group-quantized weights (GGUF), contracts in quant_ops.py ------------------------------------------------
     def pack_groups(
         self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int, lookup: bool = False

@@ -6,8 +6,8 @@ W4A4_DYNAMIC, W8A16/W4A16 (per channel or per group) and W8A8_MXFP8. A weight en
 what `prepare_weight` returned, so a device may keep its own layout (the NPU transposes and packs int4).
 Likewise `dynamic_quant(bits=4)` returns this table's container: pass it only to this table's `quant_matmul`.
 The grouped matmuls (MoE experts, rows sorted by expert as TorchOps.grouped_matmul takes them) read the stacked
-weight [E, N, K] as loaded, not through `prepare_weight`; no table overrides them yet, so the NPU runs these
-plain-torch references too.
+weight [E, N, K] as loaded, not through `prepare_weight`; the NPU overrides grouped_dynamic_quant_matmul (A8W8
+through npu_grouped_matmul) and runs the other grouped references as they are.
 """
 
 from __future__ import annotations
@@ -99,11 +99,53 @@ class QuantOps:
     def dynamic_quant(self, x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token symmetric: x [M, K] -> (x_q, scale [M] float32), scale = max|x[m]| / qmax (127 or 7),
         x_q = clamp(round(x / scale), -qmax-1, qmax). The reference x_q is int8 [M, K] for both widths."""
-        qmax = {8: 127, 4: 7}[bits]
+        return dynamic_quant_reference(x, bits)
+
+    def dynamic_group_quant_matmul(
+        self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bits: int, group: int
+    ) -> torch.Tensor:
+        """Per-token int`bits` activations times an integer weight w [N, K] (as loaded, not prepared) with one scale
+        per group of `group` along K, scale [N, ceil(K/group)]: y = s_x * sum_g scale[n, g] * (x_q w^T over g), in
+        x.dtype. Float32 sums of integer products, exact below 2^24 per group."""
+        x_q, s_x = dynamic_quant_reference(x, bits)
+        K = w.shape[-1]
+        deq = w.float() * scale.float().repeat_interleave(group, dim=-1)[:, :K]  # [N, K]
+        return ((x_q.float() @ deq.T) * s_x.unsqueeze(-1)).to(x.dtype)
+
+    def grouped_dynamic_quant_matmul(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        scale: torch.Tensor,
+        group_counts: torch.Tensor,
+        bits: int = 8,
+        group: int = 0,
+    ) -> torch.Tensor:
+        """W8A8_DYNAMIC / W4A8 / W4A4 experts: rows of expert e of x [M, K] (sorted by expert) quantized per token to
+        int`bits`, times w[e] of w [E, N, K] int8 (as loaded), scale [E, N] per channel or [E, N, G] per group of
+        `group` -> [M, N] in x.dtype; rows past sum(group_counts) are unspecified (zeros here; the NPU's grouped
+        kernel leaves them as they fall)."""
+        x_q, s_x = dynamic_quant_reference(x, bits)
+        out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float32, device=x.device)  # [M, N]
+        start = 0
+        for e, count in enumerate(group_counts.tolist()):
+            rows = slice(start, start + count)
+            if group:
+                deq = w[e].float() * scale[e].float().repeat_interleave(group, dim=-1)[:, : w.shape[-1]]  # [N, K]
+                out[rows] = (x_q[rows].float() @ deq.T) * s_x[rows].unsqueeze(-1)
+            else:
+                out[rows] = self._int_matmul_scaled(x_q[rows], w[e], scale[e], s_x[rows], None)
+            start += count
+        return out.to(x.dtype)
+
+    def fp8_dynamic_matmul(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """WFP8AFP8_DYNAMIC: x [M, K] quantized per token to float8_e4m3fn (s = max|x[m]| / 448, x_q = fp8(x / s)),
+        w float8_e4m3fn [N, K] as loaded, scale [N]: y = (x_q w^T) s scale, in x.dtype. No table overrides it yet."""
         xf = x.float()
-        scale = xf.abs().amax(dim=-1) / qmax  # [M]
-        q = torch.round(xf / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1))
-        return q.clamp(-qmax - 1, qmax).to(torch.int8), scale
+        s = xf.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny) / FP8_E4M3_MAX  # [M]
+        x_q = (xf / s.unsqueeze(-1)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        y = x_q.float() @ w.float().T  # [M, N]
+        return (y * s.unsqueeze(-1) * scale.float()).to(x.dtype)
 
     def quant_matmul(
         self,
@@ -120,7 +162,26 @@ class QuantOps:
         scale [N] float32: deq_scale (W8A8 static) or weight_scale (dynamic);
         pertoken_scale [M] float32 from dynamic_quant, None for static; bias [N] int32: ModelSlim quant_bias.
         """
-        return _int_matmul_scaled(x_q, w, scale, pertoken_scale, bias).to(out_dtype)
+        return self._int_matmul_scaled(x_q, w, scale, pertoken_scale, bias).to(out_dtype)
+
+    def _int_matmul_scaled(
+        self,
+        x_q: torch.Tensor,
+        w: torch.Tensor,
+        scale: torch.Tensor,
+        pertoken_scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(x_q [M, K] @ w [N, K]^T + bias [N]) * scale [N] * pertoken_scale [M] -> float32 [M, N]. The integer sums
+        are accumulated in float64 here, exact (|sum| < 2^53); the CPU table uses ATen's int8 GEMM (int32, exact)."""
+        acc = self._int_sums(x_q, w)  # [M, N], integer-valued
+        if bias is not None:
+            acc = acc + bias.to(acc.dtype)
+        y = acc.float() * scale.float()
+        return y if pertoken_scale is None else y * pertoken_scale.float().unsqueeze(-1)
+
+    def _int_sums(self, x_q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x_q.double() @ w.double().T
 
     def weight_quant_matmul(
         self,
@@ -162,7 +223,7 @@ class QuantOps:
         for e, count in enumerate(group_counts.tolist()):
             rows = slice(start, start + count)
             tok = None if pertoken_scale is None else pertoken_scale[rows]
-            out[rows] = _int_matmul_scaled(x_q[rows], w[e], scale[e], tok, None if bias is None else bias[e])
+            out[rows] = self._int_matmul_scaled(x_q[rows], w[e], scale[e], tok, None if bias is None else bias[e])
             start += count
         return out.to(out_dtype)
 
@@ -196,6 +257,15 @@ class QuantOps:
         xd = mx_dequantize(x_q, x_exp)
         wd = mx_dequantize(w, w_scale.to(torch.int32) - 127)
         return (xd @ wd.T).to(x.dtype)
+
+
+def dynamic_quant_reference(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """QuantOps.dynamic_quant's rule in plain torch: (int8 x_q [M, K], scale [M] float32)."""
+    qmax = {8: 127, 4: 7}[bits]
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1) / qmax  # [M]
+    q = torch.round(xf / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1))
+    return q.clamp(-qmax - 1, qmax).to(torch.int8), scale
 
 
 def pack_reference_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> GroupWeight:
@@ -253,22 +323,6 @@ def affine_to_offset(
         q = q.masked_fill(dead.repeat_interleave(group, dim=-1), 0)
     offset = torch.where(dead, torch.full_like(zero, -1.0), -zero / torch.where(dead, torch.ones_like(scale), scale))
     return q, torch.where(dead, zero, scale), offset
-
-
-def _int_matmul_scaled(
-    x_q: torch.Tensor,
-    w: torch.Tensor,
-    scale: torch.Tensor,
-    pertoken_scale: torch.Tensor | None,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """(x_q [M, K] @ w [N, K]^T + bias [N]) * scale [N] * pertoken_scale [M] -> float32 [M, N]. The integer sums
-    are accumulated in float64, exact (|sum| < 2^53) where int32 matmul has no kernel (CUDA)."""
-    acc = x_q.double() @ w.double().T  # [M, N], integer-valued
-    if bias is not None:
-        acc = acc + bias.double()
-    y = acc.float() * scale.float()
-    return y if pertoken_scale is None else y * pertoken_scale.float().unsqueeze(-1)
 
 
 def mx_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -170,6 +170,10 @@ class QuantConfig(ABC):
             f"formats with MoE support: {with_moe}"
         )
 
+    def bind(self, source: CheckpointSource) -> None:
+        """Once, before the model is built: what the format checks or needs from the whole checkpoint (ModelSlim:
+        its description names exactly the files' tensors; the tensors' shapes its methods declare by)."""
+
     def vocab_groups(self, source: CheckpointSource, name: str, start: int, length: int):
         """Rows [start, start + length) of the embedding or LM head `name` kept group-quantized (a
         gguf_groups.Groups: q, scale, zero per group along the hidden size), or None to read them as floats."""

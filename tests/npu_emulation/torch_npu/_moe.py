@@ -89,18 +89,25 @@ def npu_grouped_matmul(
     scale_dtype=None,
     per_token_scale_dtype=None,
 ) -> list[torch.Tensor]:
-    """doc npu_grouped_matmul, the unquantized "single-single-single" case: group_type 0 (M axis), split_item 2/3,
+    """doc npu_grouped_matmul, the "single-single-single" case: group_type 0 (M axis), split_item 2/3,
     x [x2d [M, K]], weight [w [E, K, N]] (a transposed view is allowed), group_list Tensor int64 [E]:
-    cumulative ends (group_list_type 0) or counts (1). y_e = x[rows of group e] @ w[e].
+    cumulative ends (group_list_type 0) or counts (1). y_e = x[rows of group e] @ w[e]; the A8W8 quant case
+    (x and weight int8, scale [s [E, N]] float32 or bfloat16, optional per_token_scale [p [M]] float32, output_dtype
+    bfloat16 or float16): y_e = (x_e @ w[e], int32 sums) * s[e] * p[rows of e].
 
     The doc asks that the groups cover x exactly; vllm-ascend runs it with fewer grouped rows than M (expert
     parallelism) and reports garbage in the rows past the last group ("npu_grouped_matmul output random values
     at [num_valid_tokens:, ...]", ops/fused_moe). The emulation allows that and fills those rows with NaN, so a
     caller that forgets to mask them fails loudly."""
-    quant = (bias, scale, offset, antiquant_scale, antiquant_offset, per_token_scale, activation_input,
+    quant = (bias, offset, antiquant_scale, antiquant_offset, activation_input,
              activation_quant_scale, activation_quant_offset, x_dtype, weight_dtype, scale_dtype, per_token_scale_dtype)
     if any(v is not None for v in quant) or act_type != 0:
-        raise NotImplementedError("emulated npu_grouped_matmul: quantized, biased or fused-activation calls not modelled")
+        raise NotImplementedError("emulated npu_grouped_matmul: only the A8W8 per-channel quant case is modelled")
+    a8w8 = scale is not None
+    if a8w8:
+        _check_a8w8(x, weight, scale, per_token_scale, output_dtype)
+    elif per_token_scale is not None:
+        raise ValueError("per_token_scale without scale")
     if len(x) != 1 or len(weight) != 1 or group_type != 0 or split_item not in (2, 3):
         raise NotImplementedError("emulated npu_grouped_matmul: only one x, one 3-D weight, group_type 0, split_item 2/3")
     xs, w = x[0], weight[0]
@@ -119,9 +126,31 @@ def npu_grouped_matmul(
     y = torch.full((xs.shape[0], w.shape[2]), float("nan"), dtype=output_dtype or xs.dtype)
     start = 0
     for e, end in enumerate(ends.tolist()):
-        y[start:end] = (xs[start:end].float() @ w[e].float()).to(y.dtype)
+        if a8w8:
+            acc = xs[start:end].to(torch.int32) @ w[e].to(torch.int32)  # [rows, N] int32
+            part = acc.float() * scale[0][e].float()
+            if per_token_scale is not None:
+                part = part * per_token_scale[0][start:end].unsqueeze(-1)
+            y[start:end] = part.to(y.dtype)
+        else:
+            y[start:end] = (xs[start:end].float() @ w[e].float()).to(y.dtype)
         start = end
     return [y]
+
+
+def _check_a8w8(x, weight, scale, per_token_scale, output_dtype) -> None:
+    if x[0].dtype != torch.int8 or weight[0].dtype != torch.int8:
+        raise TypeError(f"A8W8 npu_grouped_matmul: x and weight int8, got {x[0].dtype}, {weight[0].dtype}")
+    if output_dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"A8W8 npu_grouped_matmul: output_dtype bfloat16 or float16, got {output_dtype}")
+    E, _, N = weight[0].shape
+    s = scale[0]
+    if s.shape != (E, N) or s.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"A8W8 scale must be float32/bfloat16 [E={E}, N={N}], got {s.dtype} {tuple(s.shape)}")
+    if per_token_scale is not None:
+        p = per_token_scale[0]
+        if p.dtype != torch.float32 or p.shape != (x[0].shape[0],):
+            raise ValueError(f"per_token_scale must be float32 [M={x[0].shape[0]}], got {p.dtype} {tuple(p.shape)}")
 
 
 def npu_moe_finalize_routing(
