@@ -258,6 +258,17 @@ class QuantOps:
         wd = mx_dequantize(w, w_scale.to(torch.int32) - 127)
         return (xd @ wd.T).to(x.dtype)
 
+    def mxfp4_quant_matmul(self, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_bits: int) -> torch.Tensor:
+        """W4A4_MXFP4 (act_bits 4) / W4A8_MXFP (8): w uint8 [N, K/2], two FP4 E2M1 values a byte along K (element 2i
+        in the low nibble: sign << 3 | index into 0, .5, 1, 1.5, 2, 3, 4, 6), w_scale uint8 E8M0 [N, ceil(K/32)];
+        x quantized per 32-block along K to MXFP4 (msmodelslim's rule, `mxfp4_act_dequantize`) or MXFP8
+        (`mx_quantize`). y [M, N] = x_q w^T in x.dtype. Emulated in float32 on every table: no MX units here, and
+        no torch_npu FP4 op is wired (Ascend 950's npu_dynamic_mx_quant rounds by its own rule)."""
+        K = x.shape[-1]
+        wd = fp4_unpack(w)[:, :K] * torch.exp2(w_scale.float() - 127).repeat_interleave(MX_BLOCK, dim=1)[:, :K]
+        xd = mxfp4_act_dequantize(x) if act_bits == 4 else mx_dequantize(*mx_quantize(x))
+        return (xd @ wd.T).to(x.dtype)
+
 
 def dynamic_quant_reference(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """QuantOps.dynamic_quant's rule in plain torch: (int8 x_q [M, K], scale [M] float32)."""
@@ -342,3 +353,30 @@ def mx_dequantize(q: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
     K = q.shape[1]
     scale = torch.exp2(exp.float()).repeat_interleave(MX_BLOCK, dim=1)[:, :K]
     return q.float() * scale
+
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 E2M1 magnitudes by 3-bit index (OCP MX)
+
+
+def fp4_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """[R, K/2] uint8 -> float32 [R, K]: element 2i from the low nibble, 2i+1 from the high one, each sign << 3 | idx."""
+    nibbles = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2).long()  # [R, K]
+    magnitude = torch.tensor(E2M1, device=packed.device)[nibbles & 7]
+    return torch.where(nibbles >= 8, -magnitude, magnitude)
+
+
+def mxfp4_act_dequantize(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] through MXFP4 per 32-block along K and back to float32, by msmodelslim's fake-quant rule
+    (ir/api/impl/mx_quantization.py calculate_mxfp4_qparam, mxfp4_quantize): shared exponent
+    e = floor(log2(amax * 8/7 + 9.6e-7)) - 2; per element p = clip(floor(log2(|x| / 2^e + 9.6e-7)), 0, 2), the
+    mantissa rounded half away from zero to one bit, magnitudes clipped to 6."""
+    M, K = x.shape
+    Kb = -(-K // MX_BLOCK)
+    xb = torch.nn.functional.pad(x.float(), (0, Kb * MX_BLOCK - K)).view(M, Kb, MX_BLOCK)
+    amax = xb.abs().amax(dim=-1, keepdim=True)  # [M, Kb, 1]
+    e = (torch.floor(torch.log2(amax / 0.875 + 9.6e-7)) - 2).clamp(-129, 125)
+    biased = xb.abs() / torch.exp2(e)
+    p = torch.floor(torch.log2(biased + 9.6e-7)).clamp(0, 2)
+    value = (torch.floor(biased / torch.exp2(p) * 2 + 0.5) / 2 * torch.exp2(p)).clamp(max=6.0)
+    value = torch.where(e < -127, torch.zeros_like(value), value)
+    return (torch.sign(xb) * value * torch.exp2(e)).view(M, Kb * MX_BLOCK)[:, :K]

@@ -29,7 +29,6 @@ TOP_LEVEL = {
 SERVED = {"FLOAT", *WEIGHT_KIND}
 # labels msmodelslim writes (or its source can write) that this build does not serve: refused at load, by name
 NOT_SERVED = {
-    "W4A4_MXFP4": "MXFP4 weights and activations", "W4A8_MXFP": "MXFP4 weights with MXFP8 activations",
     "W4A4_MXFP4_DUALSCALE": "dual-scale MXFP4", "W16A16S": "sparse float", "W8A8S": "sparse W8A8",
     "W8A8SC": "sparse-compressed W8A8", "W4A16": "W4A16", "NF4": "NF4", "FAQuant": "quantized attention",
     "W8A8_TIMESTEP": "timestep W8A8", "C8": "the int8 KV cache (C8)",

@@ -14,6 +14,7 @@ its torch_npu counterparts in npu.py), so an Ascend device runs its own kernels 
 | W8A16 | weight i8, weight_scale/offset [N, 1] or [N, K/g] | x ((w - o) s)^T | weight_quant_matmul |
 | WFP8AFP8_DYNAMIC | weight f8e4m3, weight_scale [N, 1] | per-token fp8 x (max / 448) | fp8_dynamic_matmul |
 | W8A8_MXFP8 | weight f8e4m3, weight_scale u8 E8M0 [N, K/32] | MXFP8 x per 32 along K | mx_quant_matmul |
+| W4A4_MXFP4 / W4A8_MXFP | weight FP4 E2M1 two a byte along K [N, K/2], weight_scale u8 E8M0 [N, K/32] | MXFP4 / MXFP8 x per 32 along K | mxfp4_quant_matmul (emulated) |
 
 `scale_bias` (W4A8) is a correction term the Ascend int4 grouped kernel reads; msmodelslim writes it from the
 dequantized weight and never reads it back: our kernels compute without it, so it is read and dropped.
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from shardserve.workers.device.quant_ops import fp4_unpack
 from shardserve.workers.loader.source import CheckpointError
 from shardserve.workers.quant.base import LinearMethod, LinearSpec, MoEMethod, MoESpec, TensorSpec, bias_spec
 from shardserve.workers.quant.unquantized import expert_rows
@@ -39,14 +41,16 @@ if TYPE_CHECKING:
 # what each label reads: its weight's kind and how its activations are quantized
 WEIGHT_KIND = {
     "W8A8": "int8", "W8A8_DYNAMIC": "int8", "W8A8_MIX": "int8", "W8A16": "int8", "W4A4_DYNAMIC": "int4",
-    "W4A8_DYNAMIC": "int4", "WFP8AFP8_DYNAMIC": "fp8", "W8A8_MXFP8": "fp8",
+    "W4A8_DYNAMIC": "int4", "WFP8AFP8_DYNAMIC": "fp8", "W8A8_MXFP8": "fp8", "W4A4_MXFP4": "fp4", "W4A8_MXFP": "fp4",
 }
+MXFP4_ACT_BITS = {"W4A4_MXFP4": 4, "W4A8_MXFP": 8}
 ACT_BITS = {"W8A8_DYNAMIC": 8, "W8A8_MIX": 8, "W4A4_DYNAMIC": 4, "W4A8_DYNAMIC": 8}
 
 
 FP8_SCHEMES = ("WFP8AFP8_DYNAMIC", "W8A8_MXFP8")
+MX_SCHEMES = ("W8A8_MXFP8", *MXFP4_ACT_BITS)  # weight_scale: E8M0 per 32 along K
 # MoE schemes without a grouped op: expert by expert through the Linear ops, each expert's tensors prepared apart
-LOOPED = ("W8A8", "W8A8_MIX", "WFP8AFP8_DYNAMIC", "W8A8_MXFP8")
+LOOPED = ("W8A8", "W8A8_MIX", "WFP8AFP8_DYNAMIC", *MX_SCHEMES)
 
 
 class ModelSlimLinearMethod(LinearMethod):
@@ -59,15 +63,17 @@ class ModelSlimLinearMethod(LinearMethod):
     def tensors(self, spec: LinearSpec) -> list[TensorSpec]:
         s, first, k = self.scheme, spec.sub_prefixes[0], spec.input_size
         scale_shape = self.fmt.shape(f"{first}.weight_scale")
-        per_group = s not in FP8_SCHEMES and scale_shape is not None and len(scale_shape) == 2 and scale_shape[1] > 1
+        per_group = s not in (*FP8_SCHEMES, *MX_SCHEMES) and scale_shape is not None and len(scale_shape) == 2 and scale_shape[1] > 1
         group = -(-k // scale_shape[1]) if per_group else 1
 
         def scales(*names: str, optional: bool = False) -> list[TensorSpec]:
             dims = ("N", "K") if per_group else ("N", 1)
             return [TensorSpec(n, dims, in_pack=group, dtype=torch.float32, optional=optional) for n in names]
 
-        if s == "W8A8_MXFP8":
-            return [TensorSpec("weight"), TensorSpec("weight_scale", ("N", "K"), in_pack=32), bias_spec(spec)]
+        if s in MX_SCHEMES:  # FP4 packed two a byte along K (pack_fp4_to_uint8)
+            packed_k = 2 if s in MXFP4_ACT_BITS else 1
+            return [TensorSpec("weight", in_pack=packed_k), TensorSpec("weight_scale", ("N", "K"), in_pack=32),
+                    bias_spec(spec)]
         packed = 2 if s == "W4A8_DYNAMIC" and self.fmt.new_layout else 1  # two int4 a byte along N
         out = [TensorSpec("weight", out_pack=packed)]
         if s in ("W8A8", "W8A8_MIX"):
@@ -167,7 +173,7 @@ def canonical(layer: nn.Module, scheme: str, where: str, fmt: ModelSlim) -> None
     if scheme == "W4A8_DYNAMIC" and fmt.new_layout:
         w = unpack_int4_along_n(w)
     # a buffer, so that .to(device) moves it (later assignments to the name keep it one)
-    layer.register_buffer("qweight", w if scheme in FP8_SCHEMES else w.to(torch.int8), persistent=False)
+    layer.register_buffer("qweight", w if scheme in (*FP8_SCHEMES, *MX_SCHEMES) else w.to(torch.int8), persistent=False)
     layer.group = 0
     _drop(layer, "scale_bias")
     if scheme in ("W8A8", "W8A8_MIX"):
@@ -183,7 +189,7 @@ def canonical(layer: nn.Module, scheme: str, where: str, fmt: ModelSlim) -> None
     if scheme == "W8A8":
         _drop(layer, "weight_scale", "weight_offset")
         return
-    if scheme == "W8A8_MXFP8":
+    if scheme in MX_SCHEMES:
         return
     scale, offset = layer.weight_scale, getattr(layer, "weight_offset", None)
     K = layer.qweight.shape[-1]
@@ -233,8 +239,8 @@ def _require_zero(offset: torch.Tensor | None, where: str, fmt: ModelSlim) -> No
 
 def prepare(layer: nn.Module, ops: TorchOps, scheme: str) -> None:
     """Once: the weight into the device's kernel layout (the NPU transposes int8/fp8 and packs int4)."""
-    if scheme == "WFP8AFP8_DYNAMIC" or (layer.group and scheme != "W8A16"):
-        return  # read as [N, K]: fp8_dynamic_matmul, the per-group dynamic op
+    if scheme in ("WFP8AFP8_DYNAMIC", *MXFP4_ACT_BITS) or (layer.group and scheme != "W8A16"):
+        return  # read as loaded: fp8_dynamic_matmul, mxfp4_quant_matmul, the per-group dynamic op
     if scheme == "W8A8_MXFP8":
         layer.qweight, layer.weight_scale = ops.prepare_weight(layer.qweight, "fp8"), ops.prepare_mx_scale(layer.weight_scale)
     else:
@@ -258,6 +264,8 @@ def compute(ops: TorchOps, t: nn.Module, scheme: str, x: torch.Tensor, is_prefil
         return ops.weight_quant_matmul(x, t.qweight, t.weight_scale.to(x.dtype), t.weight_offset.to(x.dtype), t.group)
     if scheme == "WFP8AFP8_DYNAMIC":
         return ops.fp8_dynamic_matmul(x, t.qweight, t.weight_scale)
+    if scheme in MXFP4_ACT_BITS:
+        return ops.mxfp4_quant_matmul(x, t.qweight, t.weight_scale, MXFP4_ACT_BITS[scheme])
     return ops.mx_quant_matmul(x, t.qweight, t.weight_scale)  # W8A8_MXFP8
 
 
@@ -267,7 +275,10 @@ def dequantized(t: nn.Module, scheme: str) -> torch.Tensor:
     K = w.shape[-1]
     if scheme == "W8A8":
         return w * (t.deq_scale / t.input_scale).unsqueeze(-1)  # weight_scale = deq_scale / input_scale
-    if scheme == "W8A8_MXFP8":
+    if scheme in MX_SCHEMES:
+        if scheme in MXFP4_ACT_BITS:
+            w = fp4_unpack(t.qweight)
+            K = w.shape[-1]
         return w * torch.exp2(t.weight_scale.float() - 127).repeat_interleave(32, dim=-1)[..., :K]
     s = t.weight_scale.float()
     s = s.repeat_interleave(t.group, dim=-1)[..., :K] if t.group else s.unsqueeze(-1)

@@ -67,6 +67,8 @@ class FakeQuantLinear(nn.Module):
         w = t["weight"]
         if label == "W4A8_DYNAMIC" and packed_n:
             w = _unpack_n(w)
+        if label in ("W4A4_MXFP4", "W4A8_MXFP"):
+            w = _unpack_fp4_k(w)
         self.k = w.shape[1]
         self.w = w.double() if not w.dtype.is_floating_point or w.dtype.itemsize > 1 else w.float().double()
         if label == "W4A8_DYNAMIC" and "weight_scale_second" in t:
@@ -104,6 +106,9 @@ class FakeQuantLinear(nn.Module):
         elif label == "W8A8_MXFP8":
             w = self.w * torch.exp2(_per_k(t["weight_scale"].to(torch.int32), self.k) - 127)
             y = _mx_fp8(x) @ w.T
+        elif label in ("W4A4_MXFP4", "W4A8_MXFP"):
+            w = self.w * torch.exp2(_per_k(t["weight_scale"].to(torch.int32), self.k) - 127)
+            y = (_mx_fp4(x) if label == "W4A4_MXFP4" else _mx_fp8(x)) @ w.T
         else:
             raise NotImplementedError(label)
         return y if self.bias is None else y + self.bias.double()
@@ -117,6 +122,32 @@ def _mx_fp8(x: torch.Tensor) -> torch.Tensor:
     e = torch.floor(torch.log2(amax.clamp_min(2.0**-126))) - 8
     q = (xb / torch.exp2(e)).clamp(-448, 448).to(torch.float8_e4m3fn).double()
     return (q * torch.exp2(e).double()).reshape(m, k)
+
+
+# the 16 FP4 E2M1 codes, sign bit 3 (msmodelslim save/utils/pack.py pack_fp4_to_uint8)
+_FP4 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0.0, -.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64)
+
+
+def _unpack_fp4_k(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K/2] bytes, element 2i in the low nibble -> float64 [N, K]."""
+    u = packed.view(torch.uint8).long()
+    n, half = u.shape
+    out = torch.empty(n, 2 * half, dtype=torch.float64)
+    out[:, 0::2], out[:, 1::2] = _FP4[u & 15], _FP4[u >> 4]
+    return out
+
+
+def _mx_fp4(x: torch.Tensor) -> torch.Tensor:
+    """msmodelslim's MXFP4 fake-quant per 32 along K (calculate_mxfp4_qparam, mxfp4_quantize) -> float64."""
+    m, k = x.shape
+    xb = x.reshape(m, k // 32, 32).double()
+    amax = xb.abs().amax(-1, keepdim=True)
+    shared = torch.clip(torch.floor(torch.log2(amax / (1 - 0.5**3) + 9.6e-7)) - 2, -129, 125)
+    mag = xb.abs() / 2.0**shared
+    private = torch.clip(torch.floor(torch.log2(mag + 9.6e-7)), 0, 2)
+    q = torch.clip(torch.floor(mag / 2.0**private * 2 + 0.5) / 2 * 2.0**private, max=6.0)
+    q = torch.where(shared < -127, 0.0, q)
+    return (torch.sign(xb) * q * 2.0**shared).reshape(m, k)
 
 
 class RefExperts(nn.Module):

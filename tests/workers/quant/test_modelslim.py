@@ -23,10 +23,10 @@ from shardserve.workers.worker import Worker
 from tests.fixtures import modelslim_models as fixtures
 from tests.workers.quant.modelslim_reference import reference_logits, reference_model
 
-# rows this build serves; the MXFP4 rows and the int8 KV cache (C8) are refused at load by name (tests below)
-REFUSED = ("w4a4_mxfp4", "w4a8_mxfp", "v0_w8a8_c8", "w8a8_smooth_c8")
+# rows this build serves; the int8 KV cache (C8) is refused at load by name (test below)
+REFUSED = ("v0_w8a8_c8", "w8a8_smooth_c8")
 SERVED = [n for n in fixtures.ROWS if n not in REFUSED]
-FOUR_BIT_ACT = {"w4a4_dynamic", "moe_w4a4_dynamic"}
+FOUR_BIT_ACT = {"w4a4_dynamic", "moe_w4a4_dynamic", "w4a4_mxfp4"}
 SEQS = 3
 SEQ_LEN = 64
 
@@ -141,9 +141,15 @@ def test_w8a8_mix_decodes_with_the_static_formula(built):
     assert kl < kl_other / 10  # it is the static formula, not the prefill one
 
 
-# measured logit cosine to the float source: 0.9975, 0.9809 (int4 experts), 0.9343 (int4 everywhere, attention too,
-# on random weights), 0.9987; the page reports a double-counted W8A8 bias at 0.74
-FLOAT_COSINE = {"w8a8": 0.99, "moe_w4a8_dynamic": 0.97, "v0_moe_w4a8_group": 0.9, "qwen2_moe_w8a8_dynamic": 0.99}
+# the bound a little under the measured logit cosine to the float source: random weights quantized to 4 bits
+# everywhere (attention too) keep far less than 8-bit rows, and 4-bit activations least; a double-counted W8A8 bias
+# scores 0.74 (formats-modelslim.md), a misread packing or a dropped scale lands near 0
+FLOAT_COSINE = {  # row: (bound, measured)
+    "w8a8": (0.99, 0.9975), "qwen2_moe_w8a8_dynamic": (0.99, 0.9987), "v0_moe_w8a8_m4": (0.985, 0.9937),
+    "legacy_w8a8_m4": (0.97, 0.9825), "w8a8_mxfp8": (0.98, 0.9886), "moe_mixbits": (0.97, 0.9853),
+    "moe_w4a8_dynamic": (0.97, 0.9809), "v0_moe_w4a8_group": (0.9, 0.9343), "legacy_moe_w4a8": (0.9, 0.9343),
+    "w4a8_mxfp": (0.88, 0.9156), "w4a4_mxfp4": (0.8, 0.8532), "w4a4_dynamic": (0.75, 0.7988),
+}
 
 
 @pytest.mark.parametrize("row", list(FLOAT_COSINE))
@@ -161,7 +167,7 @@ def test_row_close_to_its_float_source(built, row):
     cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1).mean().item()
     top1, kl = compare(ours, ref)
     print(f"\n{row} vs its float source: cosine {cos:.4f}, top-1 {top1:.3f}, KL {kl:.2e}")
-    assert cos >= FLOAT_COSINE[row], cos
+    assert cos >= FLOAT_COSINE[row][0], cos
 
 
 @pytest.mark.parametrize("row", SERVED)
@@ -241,10 +247,11 @@ def _edit_description(path, edit) -> None:
     f.write_text(json.dumps(desc))
 
 
-@pytest.mark.parametrize("row,label", [("w4a4_mxfp4", "W4A4_MXFP4"), ("w4a8_mxfp", "W4A8_MXFP")])
-def test_unserved_schemes_are_refused_naming_tensor_and_label(built, row, label):
-    with pytest.raises(CheckpointError, match=rf"model\.layers\.\d+\..*weight.*{label}.*not served"):
-        detect(str(built[row]))
+def test_unserved_schemes_are_refused_naming_tensor_and_label(built, tmp_path):
+    path = _copy(built, "w8a8_dynamic", tmp_path)
+    _edit_description(path, lambda d: d.__setitem__("model.layers.1.mlp.up_proj.weight", "W4A4_MXFP4_DUALSCALE"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*'W4A4_MXFP4_DUALSCALE'.*not served"):
+        detect(str(path))
 
 
 @pytest.mark.parametrize("row", ["v0_w8a8_c8", "w8a8_smooth_c8"])
