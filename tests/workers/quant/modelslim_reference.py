@@ -64,6 +64,7 @@ class FakeQuantLinear(nn.Module):
     def __init__(self, label: str, t: dict[str, torch.Tensor], packed_n: bool, decode: bool = False):
         super().__init__()
         self.label, self.t, self.decode = label, t, decode
+        self.splits = 1  # K slices quantized apart (a row-parallel layer under TP)
         w = t["weight"]
         if label == "W4A8_DYNAMIC" and packed_n:
             w = _unpack_n(w)
@@ -90,19 +91,12 @@ class FakeQuantLinear(nn.Module):
             ds = t["deq_scale"]
             ds = ds.to(torch.int32).view(torch.float32) if ds.dtype == torch.int64 else ds.float()
             return (x_q @ self.w.T + t["quant_bias"].double()) * ds.double()  # the float .bias is inside quant_bias
-        if label in QMAX:
-            qmax = QMAX[label]
-            s_x = x.abs().amax(-1, keepdim=True) / qmax
-            x_q = torch.clamp(torch.round(x / s_x.clamp_min(1e-30)), -qmax - 1, qmax).double()
-            w = (self.w - _per_k(t["weight_offset"], self.k)) * _per_k(t["weight_scale"], self.k)
-            y = (x_q @ w.T) * s_x.double()
+        if label in QMAX or label == "WFP8AFP8_DYNAMIC":
+            offset = _per_k(t["weight_offset"], self.k) if label in QMAX else 0.0
+            y = self._per_token(x, (self.w - offset) * _per_k(t["weight_scale"], self.k), QMAX.get(label))
         elif label == "W8A16":
             w = (self.w - _per_k(t["weight_offset"], self.k)) * _per_k(t["weight_scale"], self.k)
             y = x.double() @ w.T
-        elif label == "WFP8AFP8_DYNAMIC":
-            s_x = x.abs().amax(-1, keepdim=True) / 448.0
-            x_q = (x / s_x.clamp_min(1e-30)).to(torch.float8_e4m3fn).double()
-            y = (x_q @ (self.w * _per_k(t["weight_scale"], self.k)).T) * s_x.double()
         elif label == "W8A8_MXFP8":
             w = self.w * torch.exp2(_per_k(t["weight_scale"].to(torch.int32), self.k) - 127)
             y = _mx_fp8(x) @ w.T
@@ -112,6 +106,23 @@ class FakeQuantLinear(nn.Module):
         else:
             raise NotImplementedError(label)
         return y if self.bias is None else y + self.bias.double()
+
+
+    def _per_token(self, x: torch.Tensor, w: torch.Tensor, qmax: int | None) -> torch.Tensor:
+        """Dynamic per-token activations (int with `qmax`, else fp8 e4m3: max / 448) times the effective weight w
+        [N, K]; with `splits` > 1 each of that many equal K slices is quantized on its own and the partial sums
+        added, as TP ranks of a row-parallel layer do."""
+        y = 0.0
+        for cols in torch.arange(self.k).chunk(self.splits):
+            xs = x[:, cols]
+            if qmax is None:
+                s_x = xs.abs().amax(-1, keepdim=True) / 448.0
+                x_q = (xs / s_x.clamp_min(1e-30)).to(torch.float8_e4m3fn).double()
+            else:
+                s_x = xs.abs().amax(-1, keepdim=True) / qmax
+                x_q = torch.clamp(torch.round(xs / s_x.clamp_min(1e-30)), -qmax - 1, qmax).double()
+            y = y + (x_q @ w[:, cols].T) * s_x.double()
+        return y
 
 
 def _mx_fp8(x: torch.Tensor) -> torch.Tensor:
@@ -178,8 +189,10 @@ class BiasedNorm(nn.Module):
         return self.norm(x) + self.bias.to(x.dtype)
 
 
-def reference_model(path: Path, decode: bool = False) -> nn.Module:
-    """The oracle for the ModelSlim directory `path` (fp32 compute); `decode`: W8A8_MIX runs its static formula."""
+def reference_model(path: Path, decode: bool = False, tp: int = 1, ep: bool = False) -> nn.Module:
+    """The oracle for the ModelSlim directory `path` (fp32 compute); `decode`: W8A8_MIX runs its static formula;
+    `tp` > 1: the row-parallel Linears (o_proj, down_proj; not the routed experts under `ep`, which hold their K
+    whole) quantize their dynamic activations per K slice of a rank."""
     desc, tensors = description(path), load_tensors(path)
     labels = {k: v for k, v in desc.items() if k not in META}
     packed_n = "version" in desc
@@ -196,7 +209,10 @@ def reference_model(path: Path, decode: bool = False) -> nn.Module:
             if "bias" in t:
                 lin.bias.data = t["bias"].float()
             return lin
-        return FakeQuantLinear(label, t, packed_n, decode)
+        lin = FakeQuantLinear(label, t, packed_n, decode)
+        if module.endswith(("o_proj", "down_proj")) and not (ep and ".experts." in module):
+            lin.splits = tp
+        return lin
 
     floats = {n: tensors[n].float() for n, _ in model.named_parameters() if labels.get(n) == "FLOAT" and n in tensors}
     missing = model.load_state_dict(floats, strict=False).missing_keys
