@@ -1,4 +1,5 @@
-"""The `shardserve` command: serve (OpenAI HTTP), generate (one-off prompts). Flags follow SGLang's launch_server."""
+"""The `shardserve` command: serve (OpenAI HTTP), generate (one-off prompts), batch (an OpenAI batch file). Flags follow
+SGLang's launch_server."""
 
 from __future__ import annotations
 
@@ -84,6 +85,32 @@ def generate(args: argparse.Namespace) -> None:
         sys.stdout.write(out.outputs[0].text + "\n")
 
 
+def batch(args: argparse.Namespace) -> None:
+    import asyncio
+
+    import ray
+
+    from shardserve.cluster.batch import run_batch
+    from shardserve.cluster.launch import start_router
+    from shardserve.cluster.server import create_app
+
+    cfg = _config(args)
+    router, info = start_router(cfg)
+    log = logging.getLogger("shardserve")
+    log.info("batch %s -> %s on %s (%s)", args.input, args.output, cfg.model_name, info)
+    try:
+        app = create_app(router, cfg.model_name)
+        concurrency = args.max_concurrency or cfg.max_num_seqs
+        report = asyncio.run(run_batch(app, args.input, args.output, concurrency, progress=not args.no_progress))
+    finally:
+        ray.get(router.shutdown.remote())
+        ray.kill(router)
+    for message in report.errors[:20]:
+        log.warning("%s", message)
+    log.info("%s", report.summary())
+    sys.stdout.write(report.summary() + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="shardserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user message with the chat template")
     g.set_defaults(func=generate)
+    b = sub.add_parser("batch", help="run an OpenAI batch file (JSONL), writing one result line per request")
+    _engine_args(b)
+    b.add_argument("--input", required=True, help="JSONL of {custom_id, method, url, body}")
+    b.add_argument("--output", required=True, help="JSONL results, appended; a rerun skips the custom_ids in it")
+    b.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests in flight at once (default: --max-running-requests)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    b.set_defaults(func=batch)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.func(args)
