@@ -98,34 +98,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_batch_under_ray_job_submit(tiny, tmp_path):
-    """`ray start --head` on 127.0.0.1, then `ray job submit -- shardserve batch ...`: the job's driver joins that
-    cluster (RAY_ADDRESS) and the workers are placed there. The head runs with --block, so ending it ends its
-    processes and no other Ray on the machine is touched. Ray's token authentication is on, with a token of the
-    test's own."""
+@pytest.mark.slow  # 80 s: a Ray head, two job drivers, two engine loads (CI's 20-minute budget)
+def test_batch_under_ray_job_submit_resumes_after_a_kill(tiny, tmp_path):
+    """`ray start --head` on 127.0.0.1, then `ray job submit -- shardserve batch ...` of 50 lines: the job's driver
+    joins that cluster (RAY_ADDRESS) and places the workers there. Stopped halfway (`ray job stop`) and submitted
+    again, the batch ends with exactly 50 result lines, one per custom_id. The head runs with --block, so ending it
+    ends its processes and no other Ray on the machine is touched; Ray's token authentication is on, with a token
+    of the test's own."""
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     gcs, dash = _free_port(), _free_port()
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     head = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block", "--node-ip-address",
-         "127.0.0.1", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--num-cpus", "8", "--include-dashboard", "true", "--disable-usage-stats"],
+        [ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "8", "--include-dashboard",
+         "true", "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **auth},
     )
+    address = ["--address", f"http://127.0.0.1:{dash}"]
     try:
         src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-        src.write_text("\n".join(_request(f"j{i}") for i in range(6)) + "\n")
-        submit = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address",
-                  f"http://127.0.0.1:{dash}", "--entrypoint-num-cpus", "1", "--", EXE, "batch", "--model-path", tiny,
-                  *ENGINE, "--input", str(src), "--output", str(dst), "--no-progress"]
-        deadline = time.monotonic() + 120
-        while True:  # the dashboard's job API comes up a little after the head
-            out = _run(submit, timeout=300, **auth)
-            if out.returncode == 0 or time.monotonic() > deadline or "Connection" not in out.stderr + out.stdout:
-                break
-            time.sleep(2)
-        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-        assert "6 results written (0 errors), 0 already done" in out.stdout
-        assert all(r["response"]["status_code"] == 200 for r in _results(dst))
+        src.write_text("\n".join(_request(f"j{i}", max_tokens=48) for i in range(50)) + "\n")
+        job = [*address, "--entrypoint-num-cpus", "1", "--", EXE, "batch", "--model-path", tiny, *ENGINE,
+               "--input", str(src), "--output", str(dst), "--max-concurrency", "1", "--no-progress"]
+        job_id = f"batch-{secrets.token_hex(4)}"
+        _submit(ray_cli, [*job[:2], "--no-wait", "--submission-id", job_id, *job[2:]], auth)
+        _wait_for(lambda: dst.exists() and len(dst.read_text().splitlines()) >= 10, "10 results", 180)
+        stop = _run([ray_cli, "job", "stop", *address, job_id], timeout=120, **auth)
+        assert stop.returncode == 0, (stop.stdout + stop.stderr)[-2000:]
+        halfway = len(_results_whole(dst))
+        assert 10 <= halfway < 50, halfway
+        again = _submit(ray_cli, job, auth)
+        assert f"{50 - halfway} results written (0 errors), {halfway} already done" in again.stdout, again.stdout[-2000:]
+        results = _results(dst)
+        assert len(results) == 50 and len({r["custom_id"] for r in results}) == 50
+        assert all(r["response"]["status_code"] == 200 for r in results)
     finally:
         head.terminate()
         head.wait(timeout=60)
+
+
+def _submit(ray_cli: str, args: list[str], auth: dict) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the dashboard's job API is still coming up (bounded)."""
+    deadline = time.monotonic() + 120
+    while True:
+        out = _run([ray_cli, "job", "submit", *args], timeout=300, **auth)
+        if out.returncode == 0 or time.monotonic() > deadline or "Connection" not in out.stderr + out.stdout:
+            break
+        time.sleep(2)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return out
+
+
+def _wait_for(cond, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _results_whole(path) -> list[dict]:
+    """The whole lines of an output a killed run may have cut mid-line."""
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]]
