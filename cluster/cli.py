@@ -53,6 +53,8 @@ def serve(args: argparse.Namespace) -> None:
     from shardserve.cluster.server import create_app
 
     cfg = _config(args)
+    if args.ray_serve:
+        return _serve_on_ray_serve(cfg, args)
     router, info = start_router(cfg, name="shardserve-router")
     logging.getLogger("shardserve").info("serving %s on http://%s:%d (%s)", cfg.model_name, args.host, args.port, info)
     app = create_app(router, cfg.model_name, args.api_key, max_body_bytes=args.max_body_bytes,
@@ -69,6 +71,32 @@ def serve(args: argparse.Namespace) -> None:
 
     app.router.lifespan_context = lifespan
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.shutdown_grace_s)
+
+
+def _serve_on_ray_serve(cfg: EngineConfig, args: argparse.Namespace) -> None:
+    """The same app as a Ray Serve deployment (cluster/serve_app.py) with Serve's HTTP proxy on --host/--port;
+    runs until SIGINT/SIGTERM, then deletes the application (its engine with it)."""
+    import signal
+    import threading
+
+    from ray import serve
+
+    from shardserve.cluster.launch import init_ray
+    from shardserve.cluster.serve_app import IngressOptions, OpenAIIngress
+
+    init_ray(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start (whose core installs its own), before serving
+        signal.signal(sig, lambda *_: stop.set())
+    options = IngressOptions(args.api_key, args.max_body_bytes, args.enable_metrics_auth, args.ingress_replicas)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(OpenAIIngress.options(num_replicas=options.ingress_replicas).bind(cfg, options), name=options.app_name,
+              route_prefix="/")
+    logging.getLogger("shardserve").info("serving %s through Ray Serve on http://%s:%d", cfg.model_name, args.host, args.port)
+    while not stop.wait(1.0):  # a timed wait, so that the signal handler runs promptly
+        pass
+    serve.delete(options.app_name)
+    serve.shutdown()
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -124,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get a 413")
     s.add_argument("--shutdown-grace-s", type=float, default=30.0,
                    help="on SIGTERM, how long requests in flight may take to finish")
+    s.add_argument("--ray-serve", action="store_true",
+                   help="serve through a Ray Serve deployment (shardserve.cluster.serve_app:build_app) instead of uvicorn")
+    s.add_argument("--ingress-replicas", type=int, default=1, help="with --ray-serve: HTTP ingress replicas")
     s.set_defaults(func=serve)
     g = sub.add_parser("generate", help="generate from prompts given on the command line")
     _engine_args(g)

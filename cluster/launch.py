@@ -100,7 +100,9 @@ def start_router(cfg: EngineConfig, name: str | None = None):
     check_tp(model_cfg, cfg.tp_size, cfg.enable_expert_parallel)  # a clear refusal here, not a failure inside a worker
     init_ray(cfg)
     cfg.device = cluster_device(cfg.device)
-    actor = ray.remote(Router).options(num_cpus=0, name=name, max_concurrency=1000)
+    # a named router lives in our namespace whichever job starts it (a Serve replica's is "serve")
+    namespace = RAY_NAMESPACE if name else None
+    actor = ray.remote(Router).options(num_cpus=0, name=name, namespace=namespace, max_concurrency=1000)
     # the model config read above travels with the builder: the router need not parse the checkpoint again
     router = actor.remote(cfg, functools.partial(build_replica, model_cfg=model_cfg), load_tokenizer)
     try:

@@ -22,7 +22,8 @@ def ray_session():
 
     if not ray.is_initialized():
         # logical CPUs above the 2 real cores: TP ranks share them (gloo), each needs a bundle
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        # address "local": a private cluster, never one a `ray start` left on the machine (ray.init() would join it)
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -135,6 +135,14 @@ def test_batch_under_ray_job_submit_resumes_after_a_kill(tiny, tmp_path):
     finally:
         head.terminate()
         head.wait(timeout=60)
+        _forget_head(gcs)
+
+
+def _forget_head(gcs_port: int) -> None:
+    """`ray start` records its cluster for later `ray.init()` calls to join; ours is gone, so is the record."""
+    record = "/tmp/ray/ray_current_cluster"
+    if os.path.exists(record) and open(record).read().strip().endswith(f":{gcs_port}"):
+        os.remove(record)
 
 
 def _submit(ray_cli: str, args: list[str], auth: dict) -> subprocess.CompletedProcess:

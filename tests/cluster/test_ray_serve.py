@@ -1,0 +1,107 @@
+"""The Ray Serve ingress (cluster/serve_app.py): the application builder `serve run` and a RayService use, driven by
+the unmodified `openai` client on 127.0.0.1; deleting the application releases the engine."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import ray
+
+from shardserve.cluster.serve_app import build_app, configs_from_args
+from tests.fixtures.tiny_models import make_tiny
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _live_placement_groups() -> int:
+    return sum(pg["state"] != "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
+def test_builder_args_are_typed_and_checked():
+    cfg, options = configs_from_args({"model_path": "/m.gguf", "tp_size": "2", "enable_expert_parallel": "true",
+                                      "request_timeout_s": "none", "ingress_replicas": "2", "api_key": "k"})
+    assert (cfg.tp_size, cfg.enable_expert_parallel, cfg.request_timeout_s) == (2, True, None)
+    assert (options.ingress_replicas, options.api_key) == (2, "k")
+    with pytest.raises(ValueError, match=r"unknown shardserve arguments \['tp'\]"):
+        configs_from_args({"model_path": "/m.gguf", "tp": "2"})
+    with pytest.raises(ValueError, match=r"tp_size='two': expected int"):
+        configs_from_args({"model_path": "/m.gguf", "tp_size": "two"})
+
+
+def test_openai_client_streams_a_chat_through_ray_serve(ray_session, cache_dir):
+    from openai import OpenAI
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model_path": make_tiny("llama", cache_dir), "device": "cpu", "kv_cache_memory_gb": "0.05",
+            "cpu_threads_per_worker": "1", "served_model_name": "tiny", "ingress_replicas": "2", "app_name": "t"}
+    try:
+        serve.run(build_app(args), name="t", route_prefix="/")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        chunks = list(client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=6, temperature=0,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        ))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens > 0
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        # both ingress replicas answer from the one engine: the same greedy text
+        again = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                               max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        assert again.choices[0].message.content == text
+        info = ray.get(ray.get_actor("shardserve-router-t", namespace="shardserve").get_info.remote())
+        assert len(info["workers"]) == 1  # one engine (one TP group) behind the two ingress replicas
+    finally:
+        serve.delete("t")
+        serve.shutdown()
+    deadline = time.monotonic() + 60
+    while _live_placement_groups() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _live_placement_groups() == 0
+
+
+@pytest.mark.slow  # 30 s; the builder test above runs the same app in the default suite
+def test_shardserve_serve_ray_serve_flag(cache_dir):
+    """`shardserve serve --ray-serve`: its own local Ray, Serve's proxy on 127.0.0.1, the same API; SIGTERM deletes
+    the application and exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = _free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "shardserve")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [exe, "serve", "--ray-serve", "--model-path", make_tiny("llama", cache_dir), "--device", "cpu",
+         "--kv-cache-memory-gb", "0.05", "--cpu-threads-per-worker", "1", "--served-model-name", "tiny",
+         "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                               json={"model": "tiny", "prompt": "hi", "max_tokens": 3, "ignore_eos": True})
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the Ray Serve ingress did not answer"
+            time.sleep(1)
+        assert r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    assert rc == 0, proc.stderr.read()[-3000:]
