@@ -128,7 +128,10 @@ async def run_batch(app, input_path: str, output_path: str, concurrency: int, pr
             async def one(cid: str, request: dict) -> None:
                 async with sem:
                     r = await client.post(request["url"], json=request["body"])
-                body = r.json()
+                try:
+                    body = r.json()
+                except ValueError:  # not the app's JSON (cannot happen through its error middleware; kept as text)
+                    body = {"error": {"message": r.text, "type": "server_error"}}
                 if r.status_code >= 300:
                     report.failed += 1
                 write(_result(cid, {"status_code": r.status_code, "request_id": f"req_{uuid.uuid4().hex}", "body": body}))
