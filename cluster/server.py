@@ -17,7 +17,14 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardserve.cluster.protocol import ChatCompletionRequest, CompletionRequest
@@ -137,22 +144,64 @@ def _param(loc) -> str | None:
     return parts or None
 
 
+# request latency buckets (seconds), vLLM's for these histograms
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+
+
 class _Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("shardserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry)
-        self.tokens = Counter("shardserve_generation_tokens", "tokens generated", registry=self.registry)
+    """Ours (`shardserve_*`), and the names vLLM users already graph (`vllm:*`, labelled `model_name`)."""
+
+    def __init__(self, model_name: str = "") -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("shardserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.tokens = Counter("shardserve_generation_tokens", "tokens generated", registry=r)
         self.gauges = {
-            k: Gauge(f"shardserve_{k}", f"router {k.replace('_', ' ')}", registry=self.registry)
+            k: Gauge(f"shardserve_{k}", f"router {k.replace('_', ' ')}", registry=r)
             for k in ("running", "waiting", "free_blocks", "total_blocks", "prefix_hits", "prefix_queries", "preemptions", "steps")
         }
+        label = {"labelnames": ["model_name"], "registry": r}
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "time to first token", buckets=_TTFT_BUCKETS, **label)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds", "time per output token after the first",
+                              buckets=_TPOT_BUCKETS, **label)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "end-to-end request latency", buckets=_E2E_BUCKETS, **label)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "prefill tokens processed", **label)
+        self.generation_tokens = Counter("vllm:generation_tokens", "tokens generated", **label)
+        self.router_gauges = {  # vLLM name -> f(router stats)
+            "vllm:num_requests_running": lambda s: s.get("running", 0),
+            "vllm:num_requests_waiting": lambda s: s.get("waiting", 0),
+            "vllm:kv_cache_usage_perc": lambda s: 1 - s["free_blocks"] / s["total_blocks"] if s.get("total_blocks") else 0,
+            "vllm:gpu_prefix_cache_hit_rate": lambda s: s["prefix_hits"] / s["prefix_queries"] if s.get("prefix_queries") else 0,
+            "vllm:num_preemptions_total": lambda s: s.get("preemptions", 0),  # a gauge of the router's running count
+        }
+        self.vllm_gauges = {k: Gauge(k, k.split(":")[1].replace("_", " "), **label) for k in self.router_gauges}
+        self.model_name = model_name
+
+    def update(self, stats: dict) -> None:
+        for k, g in self.gauges.items():
+            g.set(stats.get(k, 0))
+        for k, f in self.router_gauges.items():
+            self.vllm_gauges[k].labels(self.model_name).set(f(stats))
+
+    def finished(self, start: float, first: float | None, prompt_tokens: int, completion_tokens: int) -> None:
+        """One answered request: its latencies (from the handler's start; `first`: when its first token came) and
+        token counts."""
+        end, m = time.monotonic(), self.model_name
+        self.e2e.labels(m).observe(end - start)
+        if first is not None:
+            self.ttft.labels(m).observe(first - start)
+            if completion_tokens > 1:
+                self.tpot.labels(m).observe((end - first) / (completion_tokens - 1))
+        self.prompt_tokens.labels(m).inc(prompt_tokens)
+        self.generation_tokens.labels(m).inc(completion_tokens)
 
 
 def create_app(
     router, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, metrics_auth: bool = False
 ) -> FastAPI:
     app = FastAPI(title="shardserve", version="0.1.0")
-    metrics = _Metrics()
+    metrics = _Metrics(model_name)
     if api_key:
         app.add_middleware(_ApiKey, api_key=api_key, metrics_auth=metrics_auth)
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
@@ -196,9 +245,7 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus():
-        stats = await router.stats.remote()
-        for k, g in metrics.gauges.items():
-            g.set(stats.get(k, 0))
+        metrics.update(await router.stats.remote())
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def _check_model(model: str | None):
@@ -242,6 +289,7 @@ class _Handler:
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.num_prompts = 0
+        self.start, self.first = time.monotonic(), None  # the first token's arrival, for time to first token
 
     async def run(self, request, params: SamplingParams, inputs: list[dict], stream: bool, stream_options, echo=False):
         endpoint = "chat" if self.kind == "chat.completion" else "completions"
@@ -259,6 +307,7 @@ class _Handler:
         try:
             # the first deltas raise a prompt's RequestError before any byte is sent
             firsts = await _while_connected(request, _first_deltas(gens))
+            self.first = time.monotonic()
             streams = list(zip(gens, firsts))
             if stream:
                 include_usage = bool(stream_options and stream_options.include_usage)
@@ -302,6 +351,7 @@ class _Handler:
             choices.append(self._choice(index, text, ds[-1], _pairs(ds)))
         self.metrics.tokens.inc(completion_tokens)
         usage = _usage(streams, completion_tokens)
+        self.metrics.finished(self.start, self.first, usage["prompt_tokens"], completion_tokens)
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model, "choices": choices, "usage": usage}
 
     def _choice(self, index: int, text: str, last: Delta, pairs: list) -> dict[str, Any]:
@@ -331,10 +381,12 @@ class _Handler:
                         yield _error_event(f"generation failed: {d.error}")
                         return
                     yield self._event(self._stream_choice(p * n + d.index, d))
+            usage = _usage(streams, completion_tokens)
             if include_usage:
-                yield f"data: {json.dumps(self._chunk([], _usage(streams, completion_tokens)))}\n\n"
+                yield f"data: {json.dumps(self._chunk([], usage))}\n\n"
             yield "data: [DONE]\n\n"
             done = True
+            self.metrics.finished(self.start, self.first, usage["prompt_tokens"], completion_tokens)
         except Exception as e:  # the status is sent already: the error goes in the stream
             logger.error("streaming %s failed", self.id, exc_info=e)
             yield _error_event(f"internal error: {type(e).__name__}: {e}")

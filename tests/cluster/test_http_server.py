@@ -255,6 +255,36 @@ def test_metrics_counts_requests(http):
     assert m["shardserve_total_blocks"] > 0
 
 
+def _vllm_metrics(http: httpx.Client) -> dict[str, float]:
+    """The `vllm:*` samples of /metrics (labelled with model_name), by name."""
+    out = {}
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("vllm:") and f'model_name="{MODEL}"' in line and "_bucket" not in line:
+            name, value = line.split("{")[0], line.rsplit(" ", 1)[1]
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_carry_vllm_names(client, http):
+    """The latency histograms and token counters vLLM users graph count each answered request, streamed or not."""
+    before = _vllm_metrics(http)
+    plain = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    streamed = list(client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=4, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    after = _vllm_metrics(http)
+    for name in ("vllm:e2e_request_latency_seconds_count", "vllm:time_to_first_token_seconds_count",
+                 "vllm:time_per_output_token_seconds_count"):
+        assert after[name] - before.get(name, 0) == 2, name
+    usage = [plain.usage, streamed[-1].usage]
+    assert after["vllm:generation_tokens_total"] - before.get("vllm:generation_tokens_total", 0) == 9
+    assert after["vllm:prompt_tokens_total"] - before.get("vllm:prompt_tokens_total", 0) == sum(u.prompt_tokens for u in usage)
+    assert after["vllm:e2e_request_latency_seconds_sum"] > before.get("vllm:e2e_request_latency_seconds_sum", 0)
+    assert 0 <= after["vllm:kv_cache_usage_perc"] <= 1 and after["vllm:num_requests_running"] == 0
+    assert {"vllm:num_requests_waiting", "vllm:gpu_prefix_cache_hit_rate", "vllm:num_preemptions_total"} <= set(after)
+
+
 # ---- errors, then the server still serves ----------------------------------------------------------
 
 
