@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP ingress (FastAPI): completions and chat completions, SSE streaming, models,
-health, Prometheus metrics. Talks to the router actor; one process, or a Ray Serve deployment later."""
+health, Prometheus metrics. Talks to the router actor; in one process (uvicorn), or as the Ray Serve deployment of
+cluster/serve_app.py."""
 
 from __future__ import annotations
 
