@@ -110,10 +110,13 @@ class Worker:
 
     def _progress(self, done: int, total: int) -> None:
         """After each decoder layer: its decoding temporaries go back to the OS (else they pile up in the heap:
-        the peak of a kept-quantized load), and rank 0 logs a quarter at a time."""
+        the peak of a kept-quantized load), and each rank logs a quarter at a time (a worker actor's log reaches
+        the driver's terminal through Ray)."""
         _release_free_memory()
-        if self.rank == 0 and (done == total or done % max(1, total // 4) == 0):
-            logger.info("loading %s: layer %d/%d", self.model_path, done, total)
+        if done == total or done % max(1, total // 4) == 0:
+            _log_to_stderr()
+            logger.info("rank %d/%d loading %s: layer %d/%d", self.rank, self.tp_size, os.path.basename(self.model_path),
+                        done, total)
 
     def kv_block_bytes(self, block_size: int) -> int:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
@@ -140,6 +143,18 @@ class Worker:
 
     def ping(self) -> int:
         return self.rank
+
+
+@functools.cache
+def _log_to_stderr() -> None:
+    """Inside a Ray worker process nothing configures logging (INFO would be dropped): give ours a stderr handler,
+    unless logging is configured already (the CLI's driver, pytest)."""
+    ours = logging.getLogger("shardserve")
+    if not ours.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
 
 
 def _release_free_memory() -> None:

@@ -16,6 +16,8 @@ def test_generate_on_the_default_model():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith(" Paris"), out.stdout
+    # loading shows progress: each rank, a quarter of the layers at a time, through Ray to this terminal
+    assert "rank 0/1 loading SmolLM2-135M-Instruct.Q4_1.gguf: layer 30/30" in out.stderr, out.stderr[-2000:]
 
 
 def test_bad_tp_size_exits_with_the_reason():
