@@ -28,6 +28,22 @@ def _held() -> tuple[float, int, int]:
     return cpus, pgs, actors
 
 
+def _settled() -> tuple[float, int, int]:
+    """_held() once it stops changing: an earlier test's engine may still be dying (its actors reach DEAD in the
+    GCS a moment after the kill), which would make it count in `before` and then vanish. Bounded."""
+    import time
+
+    deadline = time.monotonic() + 30
+    last = _held()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _held()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def _wait_released(before: tuple[float, int, int]) -> None:
     """Actor deaths reach the GCS a moment after ray.kill: poll, bounded."""
     import time
@@ -44,7 +60,7 @@ def tiny(cache_dir) -> str:
 
 
 def test_close_and_with_release_everything(ray_session, tiny):
-    before = _held()
+    before = _settled()
     llm = LLM(tiny, tp_size=2, **TINY)
     assert _held()[1] == before[1] + 1
     llm.close()
@@ -56,7 +72,7 @@ def test_close_and_with_release_everything(ray_session, tiny):
 
 
 def test_garbage_collected_llm_releases_everything(ray_session, tiny):
-    before = _held()
+    before = _settled()
     llm = LLM(tiny, tp_size=2, **TINY)
     del llm
     gc.collect()
@@ -70,7 +86,7 @@ def test_failed_start_releases_what_it_took(ray_session, tiny, tmp_path):
     weights = load_file(broken / "model.safetensors")
     del weights["model.layers.1.mlp.down_proj.weight"]
     save_file(weights, broken / "model.safetensors")
-    before = _held()
+    before = _settled()
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
         LLM(str(broken), tp_size=2, **TINY)
     _wait_released(before)
