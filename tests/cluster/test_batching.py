@@ -97,10 +97,17 @@ def test_preemption_and_chunked_prefill_give_the_same_tokens(ray_session, smollm
     long_prompt = PROMPTS[6]
     ref_lp = llm.generate([long_prompt], lp)[0].prompt_logprobs
     small = LLM(smollm2_path, device="cpu", num_kv_blocks=12, max_num_batched_tokens=24, cpu_threads_per_worker=2,
-                gguf_dequantize=True)
+                gguf_dequantize=True, enable_prefix_caching=False)
     try:
-        got = [o.outputs[0].token_ids for o in small.generate(PROMPTS, GREEDY)]
-        stats = small.stats()
+        # whether a round preempts depends on how the 16 requests reach the router (all before its first step, or
+        # some during it): seen once in three full-suite runs without. Up to 3 rounds (no prefix cache, so each
+        # has the same pressure), each checked; at least one must have preempted
+        for _ in range(3):
+            got = [o.outputs[0].token_ids for o in small.generate(PROMPTS, GREEDY)]
+            assert got == reference
+            stats = small.stats()
+            if stats["preemptions"] > 0:
+                break
         chunked = small.generate([long_prompt], lp)[0]
     finally:
         small.shutdown()
@@ -108,6 +115,5 @@ def test_preemption_and_chunked_prefill_give_the_same_tokens(ray_session, smollm
     for a, b in zip(chunked.prompt_logprobs[1:], ref_lp[1:]):
         (tid, x), (_, y) = next(iter(a.items())), next(iter(b.items()))
         assert abs(x.logprob - y.logprob) < 1e-4 and tid in b
-    assert got == reference
     assert stats["preemptions"] > 0
     assert stats["free_blocks"] == stats["total_blocks"]
