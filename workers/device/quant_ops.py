@@ -265,7 +265,7 @@ class QuantOps:
         (`mx_quantize`). y [M, N] = x_q w^T in x.dtype. Emulated in float32 on every table: no MX units here, and
         no torch_npu FP4 op is wired (Ascend 950's npu_dynamic_mx_quant rounds by its own rule)."""
         K = x.shape[-1]
-        wd = fp4_unpack(w)[:, :K] * torch.exp2(w_scale.float() - 127).repeat_interleave(MX_BLOCK, dim=1)[:, :K]
+        wd = mx_dequantize(fp4_unpack(w)[:, :K], w_scale.to(torch.int32) - 127)
         xd = mxfp4_act_dequantize(x) if act_bits == 4 else mx_dequantize(*mx_quantize(x))
         return (xd @ wd.T).to(x.dtype)
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from shardserve.workers.device.quant_ops import fp4_unpack
+from shardserve.workers.device.quant_ops import fp4_unpack, mx_dequantize
 from shardserve.workers.loader.source import CheckpointError
 from shardserve.workers.quant.base import LinearMethod, LinearSpec, MoEMethod, MoESpec, TensorSpec, bias_spec
 from shardserve.workers.quant.unquantized import expert_rows
@@ -275,11 +275,9 @@ def dequantized(t: nn.Module, scheme: str) -> torch.Tensor:
     K = w.shape[-1]
     if scheme == "W8A8":
         return w * (t.deq_scale / t.input_scale).unsqueeze(-1)  # weight_scale = deq_scale / input_scale
-    if scheme in MX_SCHEMES:
-        if scheme in MXFP4_ACT_BITS:
-            w = fp4_unpack(t.qweight)
-            K = w.shape[-1]
-        return w * torch.exp2(t.weight_scale.float() - 127).repeat_interleave(32, dim=-1)[..., :K]
+    if scheme in MX_SCHEMES:  # E8M0 exponents per 32 along K; FP4 weights unpacked first
+        q = fp4_unpack(t.qweight) if scheme in MXFP4_ACT_BITS else w
+        return mx_dequantize(q, t.weight_scale.to(torch.int32) - 127)
     s = t.weight_scale.float()
     s = s.repeat_interleave(t.group, dim=-1)[..., :K] if t.group else s.unsqueeze(-1)
     if scheme == "W8A16":
