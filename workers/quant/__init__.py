@@ -6,7 +6,7 @@ import os
 
 from shardserve.workers.loader import read_config
 from shardserve.workers.loader.source import CheckpointError
-from shardserve.workers.quant import gguf, modelslim, unquantized  # noqa: F401  (registers the formats)
+from shardserve.workers.quant import compressed_tensors, gguf, gptq, modelslim, unquantized  # noqa: F401 (registers)
 from shardserve.workers.quant.base import QuantConfig, registered
 
 # Detection order (../shared/formats.md): ModelSlim description file, config.json quant_method, GGUF, plain.

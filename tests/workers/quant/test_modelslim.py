@@ -8,7 +8,6 @@ the other way at a .5 boundary (float sums in another order) and fp32 vs fp64 sc
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -22,24 +21,12 @@ from shardserve.workers.step import SeqStep
 from shardserve.workers.worker import Worker
 from tests.fixtures import modelslim_models as fixtures
 from tests.workers.quant.modelslim_reference import reference_logits, reference_model
+from tests.workers.quant.scoring import compare, ids, scores, vocab, worker
 
 # rows this build serves; the int8 KV cache (C8) is refused at load by name (test below)
 REFUSED = ("v0_w8a8_c8", "w8a8_smooth_c8")
 SERVED = [n for n in fixtures.ROWS if n not in REFUSED]
 FOUR_BIT_ACT = {"w4a4_dynamic", "moe_w4a4_dynamic", "w4a4_mxfp4"}
-SEQS = 3
-SEQ_LEN = 64
-
-
-def _ids(vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(7)
-    return [torch.randint(3, vocab, (SEQ_LEN,), generator=g).tolist() for _ in range(SEQS)]
-
-
-def _vocab(path) -> int:
-    return json.loads((path / "config.json").read_text())["vocab_size"]
-
-
 class NpuRoundingOps(TorchOps):
     """The plain-torch table rounding where the NPU's quantized kernels round (they write bf16 for an fp32 model; the
     grouped kernel takes its per-channel scale in the output dtype), so that the npu path can be held to a tight
@@ -70,28 +57,8 @@ class NpuRoundingOps(TorchOps):
         return super().mx_quant_matmul(x, w, w_scale).to(torch.bfloat16).to(x.dtype)
 
 
-def worker(path, device: str = "cpu", ops: TorchOps | None = None) -> Worker:
-    w = Worker(str(path), device, "float32", None, 0, 1)
-    if ops is not None:
-        w.backend = dataclasses.replace(w.backend, ops=ops)
-    w.init("127.0.0.1", 0, threads=2)
-    w.init_cache(num_blocks=16, block_size=16)
-    return w
-
-
-def compare(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(top-1 agreement, mean KL(ref || ours))."""
-    top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    lp_ref, lp = torch.log_softmax(ref.double(), -1), torch.log_softmax(ours.double(), -1)
-    return top1, (lp_ref.exp() * (lp_ref - lp)).sum(-1).mean().item()
-
-
 def bounds(row: str) -> tuple[float, float]:
     return (0.95, 5e-3) if row in FOUR_BIT_ACT else (0.98, 2e-3)
-
-
-def scores(w: Worker, seqs: list[list[int]]) -> torch.Tensor:
-    return torch.cat([w.score(s) for s in seqs])
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +71,7 @@ def built():
 def test_row_matches_the_simulated_scheme(built, row):
     path = built[row]
     assert detect(str(path)).name == "modelslim"  # from quant_model_description.json alone
-    seqs = _ids(_vocab(path))
+    seqs = ids(vocab(path))
     ours = scores(worker(path), seqs)
     ref_model = reference_model(path)
     ref = torch.cat([reference_logits(ref_model, s) for s in seqs])
@@ -130,7 +97,7 @@ def decode_logits(w: Worker, ids: list[int]) -> torch.Tensor:
 def test_w8a8_mix_decodes_with_the_static_formula(built):
     """pd-mix: prefill quantizes activations per token (dynamic), decode per tensor (static: deq_scale, quant_bias)."""
     path = built["w8a8_mix"]
-    seq = _ids(_vocab(path))[0][:32]
+    seq = ids(vocab(path))[0][:32]
     w = worker(path)
     static, dynamic = reference_model(path, decode=True), reference_model(path)
     ours = decode_logits(w, seq)
@@ -160,7 +127,7 @@ def test_row_close_to_its_float_source(built, row):
 
     path = built[row]
     src = AutoModelForCausalLM.from_pretrained(fixtures.source_model(fixtures.ROWS[row].source), dtype=torch.float32)
-    seqs = _ids(_vocab(path))
+    seqs = ids(vocab(path))
     with torch.no_grad():
         ref = torch.cat([src(torch.tensor([s])).logits[0] for s in seqs])
     ours = scores(worker(path), seqs)
@@ -175,7 +142,7 @@ def test_npu_emulated_matches_cpu(npu_emulation, built, row):
     """Our torch_npu calls (emulated from the documented op semantics; not Ascend kernels) give the plain-torch
     table's logits, that table rounding where the NPU kernels round (NpuRoundingOps)."""
     path = built[row]
-    seqs = _ids(_vocab(path))[:2]
+    seqs = ids(vocab(path))[:2]
     npu = worker(path, "npu")
     assert type(npu.backend.ops).__name__ == "NpuOps"
     top1, kl = compare(scores(npu, seqs), scores(worker(path, ops=NpuRoundingOps()), seqs))
@@ -217,7 +184,7 @@ def test_tp_matches_tp1(ray_session, built, row, size, ep):
     from shardserve import LLM
 
     path = built[row]
-    seqs = _ids(_vocab(path))
+    seqs = ids(vocab(path))
     with LLM(str(path), tp_size=size, device="cpu", kv_cache_memory_gb=0.05, cpu_threads_per_worker=1,
              enable_expert_parallel=ep) as llm:
         split = torch.cat([llm.score(s) for s in seqs])
