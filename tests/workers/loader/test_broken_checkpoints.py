@@ -146,9 +146,14 @@ CATALOG: dict[str, Case] = {
         r"pickled PyTorch weights are not loaded \(unpickling can run code from the file\); convert them to safetensors",
     ),
     "config-unsupported-quant-method": Case(
-        lambda tmp, c: bc.edit_config(_st(tmp, c), lambda cfg: cfg.update(quantization_config={"quant_method": "gptq"})),
+        lambda tmp, c: bc.edit_config(_st(tmp, c), lambda cfg: cfg.update(quantization_config={"quant_method": "bitsandbytes"})),
         "config.json", None,
-        r"declares quantization_config.quant_method 'gptq', which this build cannot load yet; supported: \['gguf'",
+        r"declares quantization_config.quant_method 'bitsandbytes', which this build cannot load yet; supported: "
+        r"\['auto-round', 'awq', 'compressed-tensors', 'gguf', 'gptq', 'modelslim'\]",
+    ),
+    "config-gptq-without-bits": Case(
+        lambda tmp, c: bc.edit_config(_st(tmp, c), lambda cfg: cfg.update(quantization_config={"quant_method": "gptq"})),
+        "config.json", "bits", r"missing from the quantization config",
     ),
     "config-invalid-json": Case(
         lambda tmp, c: _write(os.path.join(_st(tmp, c), "config.json"), '{"model_type": "llama",'), "config.json", None,
