@@ -301,6 +301,8 @@ def _merge(
         return torch.cat(parts, dim=t.out_axis)
     if t.merge == "max":
         return torch.stack(parts).amax(dim=0)
+    if t.merge == "stack":
+        return torch.stack(parts)
     for name, part in zip(names[1:], parts[1:]):
         if not torch.equal(part, parts[0]):
             shown = f": {parts[0].flatten()[:4].tolist()} vs {part.flatten()[:4].tolist()}"

@@ -170,13 +170,27 @@ def _scheme(path: str, gname: str, group: dict, top_format: str | None) -> CTSch
         if not w.get("symmetric", True):
             raise CheckpointError(path, f"{where}.weights.symmetric", "asymmetric weights with int8 activations are not served")
     weight_only.check_bits(bits, f"{path}: {where}.weights.num_bits", (4, 8))
-    return CTScheme(fmt, bits, gsize, bool(w.get("symmetric", True)), act_bits, w.get("actorder") not in (None, False))
+    # actorder "group" stores weight_g_idx; "weight" and "static" reorder only while quantizing (no g_idx)
+    return CTScheme(fmt, bits, gsize, bool(w.get("symmetric", True)), act_bits, w.get("actorder") == "group")
 
 
 # ---- weight-only, packed ---------------------------------------------------------------------------------------
 class CTPackedLinearMethod(weight_only.UnpackingLinearMethod):
     def __init__(self, fmt: CompressedTensors, scheme: CTScheme):
         self.fmt, self.scheme = fmt, scheme
+
+    def check_shapes(self, layer: nn.Module, spec: LinearSpec) -> None:
+        """`weight_shape` ([N, K] of each module, every expert's where stacked) says what the layer is."""
+        found = getattr(layer, "weight_shape", None)
+        if found is None:
+            return
+        found = found.reshape(-1, len(spec.sub_prefixes), 2)  # [experts or 1, modules, 2]
+        for i, (sub, n) in enumerate(zip(spec.sub_prefixes, spec.output_sizes)):
+            bad = [tuple(v) for v in found[:, i].tolist() if tuple(v) != (n, spec.input_size)]
+            if bad:
+                raise CheckpointError(
+                    self.fmt.path, f"{sub}.weight_shape", f"says {list(bad[0])}, but the model's layer is [{n}, {spec.input_size}]"
+                )
 
     def group(self, k: int) -> int:
         return k if self.scheme.group == -1 else self.scheme.group
@@ -188,26 +202,16 @@ class CTPackedLinearMethod(weight_only.UnpackingLinearMethod):
             TensorSpec("weight_packed", ("N", "K"), in_pack=per),
             # every group's scales on every rank: a row-parallel slice may start inside a group, act order spans all
             TensorSpec("weight_scale", ("N", -(-k // g)), dtype=torch.float32),
+            TensorSpec("weight_shape", (2,), merge="stack", optional=True),  # [N, K] of each module, checked
         ]
         if not s.sym:
             out.append(TensorSpec("weight_zero_point", ("N", -(-k // g)), out_pack=per))
         out.append(TensorSpec("weight_g_idx", ("K",), merge="same", optional=not s.act_order))
         return [*out, bias_spec(spec)]
 
-    def load(self, layer: nn.Module, spec: LinearSpec, source: CheckpointSource) -> None:
-        """The declared tensors, and `weight_shape` ([N, K] of each module, stored beside the packed weight) checked."""
-        super().load(layer, spec, source)
-        for sub, n in zip(spec.sub_prefixes, spec.output_sizes):
-            name = f"{sub}.weight_shape"
-            if source.has(name):
-                found = [int(v) for v in source.read(name).flatten().tolist()]
-                if found != [n, spec.input_size]:
-                    raise CheckpointError(
-                        source.file_of(name), name, f"says {found}, but {spec.prefix} is [{n}, {spec.input_size}] here"
-                    )
-
     def unpack(self, layer: nn.Module, spec: LinearSpec) -> Unpacked:
         s, n, k = self.scheme, spec.local_out, spec.local_in
+        self.check_shapes(layer, spec)
         u = weight_only.unpack_along_cols(layer.weight_packed, s.bits)[..., :k]  # [.., N, K], q + 2^(b-1)
         zero = None
         if not s.sym:
@@ -217,7 +221,7 @@ class CTPackedLinearMethod(weight_only.UnpackingLinearMethod):
         g = self.group(spec.input_size)
         g_idx = weight_only.trivial_g_idx(spec.input_shard.start, k, g) if g_idx is None else g_idx.long()
         scale = layer.weight_scale.float()
-        for name in ("weight_packed", "weight_zero_point", "weight_scale", "weight_g_idx"):
+        for name in ("weight_packed", "weight_zero_point", "weight_scale", "weight_shape", "weight_g_idx"):
             if hasattr(layer, name):
                 delattr(layer, name)
         return Unpacked(u.contiguous(), scale, zero, g_idx, s.bits, g)

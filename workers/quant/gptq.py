@@ -236,13 +236,14 @@ class AWQ(WeightOnlyFormat):
 
 @register
 class AutoRound(WeightOnlyFormat):
-    """AutoRound (Intel auto-round) exports: `packing_format` auto_round (its own, GPTQ's layout without g_idx),
-    auto_round:auto_gptq (GPTQ v1) or auto_round:auto_awq (AWQ); `extra_config` per module."""
+    """AutoRound (Intel auto-round) exports: `packing_format` auto_round (its own: GPTQ's layout without g_idx, raw
+    zeros), auto_round:auto_gptq (GPTQ v1: zero - 1) or auto_round:auto_awq (AWQ); `extra_config` per module, its
+    keys module names or regexes (auto-round writes both: the pattern it was given and the names it resolved)."""
 
     name = "auto-round"
     methods = ("auto-round", "intel/auto-round", "auto_round")
     LAYOUTS: ClassVar[dict[str, tuple[str, int]]] = {
-        "auto_round": ("gptq", 1), "auto_round:auto_gptq": ("gptq", 1), "auto_round:gptq": ("gptq", 1),
+        "auto_round": ("gptq", 0), "auto_round:auto_gptq": ("gptq", 1), "auto_round:gptq": ("gptq", 1),
         "auto_gptq": ("gptq", 1), "auto_round:auto_awq": ("awq", 0), "auto_round:awq": ("awq", 0),
     }
 
@@ -273,6 +274,8 @@ class AutoRound(WeightOnlyFormat):
         else:
             cfg = dict(self.base)
         override = self.extra.get(module)
+        if override is None:  # a pattern key (auto-round writes the regex it was given beside the names it resolved)
+            override = next((v for k, v in self.extra.items() if _is_regex(k) and re.search(k, module)), None)
         if override is not None:
             cfg = dict(cfg or self.base)
             cfg.update({k: v for k, v in override.items() if k in cfg})
@@ -281,6 +284,10 @@ class AutoRound(WeightOnlyFormat):
         bits = int(cfg["bits"])
         weight_only.check_bits(bits, f"{self.path}: {module}", (4,) if self.layout == "awq" else (2, 4, 8))
         return Scheme(self.layout, bits, int(cfg["group_size"]), bool(cfg["sym"]), zero_offset=self.zero_offset)
+
+
+def _is_regex(key: str) -> bool:
+    return any(c in key for c in "*+?[]()|^$\\")
 
 
 # ---- the methods ---------------------------------------------------------------------------------------------------

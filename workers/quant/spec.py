@@ -11,7 +11,7 @@ import torch
 Parallel = Literal["column", "row", "replicated"]
 MoEWhich = Literal["w13", "w2"]
 # how the sub-matrices of a fused layer (qkv_proj, gate_up_proj) combine one declared tensor
-Merge = Literal["cat", "same", "max"]
+Merge = Literal["cat", "same", "max", "stack"]
 Dim = Literal["N", "K"] | int  # a tensor axis: along the output N, along the input K, or of a fixed size
 
 
@@ -77,7 +77,8 @@ class TensorSpec:
     dtype: torch.dtype | None = None  # cast on load; None keeps the stored dtype
     optional: bool = False
     # "cat": sub-matrices concatenated along N. "same": equal in every sub-matrix, one kept (per-tensor activation
-    # scale/offset, act-order g_idx: q, k and v see one input). "max": the largest kept (static fp8 input scales)
+    # scale/offset, act-order g_idx: q, k and v see one input). "max": the largest kept (static fp8 input scales).
+    # "stack": each sub-matrix's value kept, stacked along a new first axis (compressed-tensors' weight_shape)
     merge: Merge = "cat"
     # applied once over the K split: held where LinearSpec.first_k_slice, zeros elsewhere, so that summing the
     # ranks' partial outputs counts it once (ModelSlim quant_bias, a row-parallel layer's bias)

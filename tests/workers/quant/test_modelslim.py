@@ -14,49 +14,18 @@ import shutil
 import pytest
 import torch
 
-from shardserve.workers.device.base import TorchOps
 from shardserve.workers.loader.source import CheckpointError
 from shardserve.workers.quant import detect
 from shardserve.workers.step import SeqStep
 from shardserve.workers.worker import Worker
 from tests.fixtures import modelslim_models as fixtures
 from tests.workers.quant.modelslim_reference import reference_logits, reference_model
-from tests.workers.quant.scoring import compare, ids, scores, vocab, worker
+from tests.workers.quant.scoring import NpuRoundingOps, compare, ids, scores, vocab, worker
 
 # rows this build serves; the int8 KV cache (C8) is refused at load by name (test below)
 REFUSED = ("v0_w8a8_c8", "w8a8_smooth_c8")
 SERVED = [n for n in fixtures.ROWS if n not in REFUSED]
 FOUR_BIT_ACT = {"w4a4_dynamic", "moe_w4a4_dynamic", "w4a4_mxfp4"}
-class NpuRoundingOps(TorchOps):
-    """The plain-torch table rounding where the NPU's quantized kernels round (they write bf16 for an fp32 model; the
-    grouped kernel takes its per-channel scale in the output dtype), so that the npu path can be held to a tight
-    bound: on a random model's near-tied logits, each layer's bf16 output flips top-1 and 4-bit activations
-    amplify it (npu vs the fp32 reference: top-1 0.69 on W4A4)."""
-
-    bits = 8  # of the last dynamic_quant: npu_quant_matmul writes int4 x int4 in float16 (npu.py)
-
-    def dynamic_quant(self, x, bits=8):
-        self.bits = bits
-        return super().dynamic_quant(x, bits)
-
-    def static_quant(self, x, input_scale, input_offset):
-        self.bits = 8
-        return super().static_quant(x, input_scale, input_offset)
-
-    def quant_matmul(self, x_q, w, scale, pertoken_scale=None, bias=None, out_dtype=torch.bfloat16):
-        kernel = torch.float16 if self.bits == 4 else torch.bfloat16
-        return super().quant_matmul(x_q, w, scale, pertoken_scale, bias, kernel).to(out_dtype)
-
-    def grouped_dynamic_quant_matmul(self, x, w, scale, group_counts, bits=8, group=0):
-        if bits != 8 or group:
-            return super().grouped_dynamic_quant_matmul(x, w, scale, group_counts, bits, group)
-        y = super().grouped_dynamic_quant_matmul(x, w, scale.to(torch.bfloat16), group_counts, bits, group)
-        return y.to(torch.bfloat16).to(x.dtype)
-
-    def mx_quant_matmul(self, x, w, w_scale):
-        return super().mx_quant_matmul(x, w, w_scale).to(torch.bfloat16).to(x.dtype)
-
-
 def bounds(row: str) -> tuple[float, float]:
     return (0.95, 5e-3) if row in FOUR_BIT_ACT else (0.98, 2e-3)
 
