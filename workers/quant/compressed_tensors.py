@@ -38,7 +38,7 @@ from shardserve.workers.quant.base import (
     bias_spec,
     register,
 )
-from shardserve.workers.quant.gptq import FLOAT_LINEAR, FLOAT_MOE, WeightOnlyFormat, config_int
+from shardserve.workers.quant.gptq import WeightOnlyFormat, config_int
 from shardserve.workers.quant.unquantized import expert_rows
 from shardserve.workers.quant.weight_only import Unpacked
 
@@ -114,25 +114,14 @@ class CompressedTensors(WeightOnlyFormat):
             return None
         raise CheckpointError(self.path, marker, f"missing: the compressed-tensors config quantizes {module} ({scheme})")
 
-    def linear_method(self, spec: LinearSpec) -> LinearMethod:
-        scheme = self.uniform_scheme(spec.prefix, spec.sub_prefixes)
-        if scheme is None:
-            return FLOAT_LINEAR
-        if scheme not in self._linear:
-            cls = CTPackedLinearMethod if scheme.format == "pack-quantized" else CTIntLinearMethod
-            self._linear[scheme] = cls(self, scheme)
-        return self._linear[scheme]
+    def make_linear(self, scheme: CTScheme) -> LinearMethod:
+        cls = CTPackedLinearMethod if scheme.format == "pack-quantized" else CTIntLinearMethod
+        return cls(self, scheme)
 
-    def moe_method(self, spec: MoESpec) -> MoEMethod:
-        scheme = self.uniform_scheme(f"{spec.prefix} ({spec.which})", spec.modules)
-        if scheme is None:
-            return FLOAT_MOE
-        if scheme not in self._moe:
-            if scheme.format == "pack-quantized":
-                self._moe[scheme] = weight_only.UnpackingMoEMethod(CTPackedLinearMethod(self, scheme))
-            else:
-                self._moe[scheme] = CTIntMoEMethod(CTIntLinearMethod(self, scheme))
-        return self._moe[scheme]
+    def make_moe(self, scheme: CTScheme) -> MoEMethod:
+        if scheme.format == "pack-quantized":
+            return weight_only.UnpackingMoEMethod(self.make_linear(scheme))
+        return CTIntMoEMethod(self.make_linear(scheme))
 
 
 def _matches(pattern: str, module: str) -> bool:

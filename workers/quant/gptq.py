@@ -131,7 +131,7 @@ class WeightOnlyFormat(QuantConfig):
         if scheme is None:
             return FLOAT_LINEAR
         if scheme not in self._linear:
-            self._linear[scheme] = IntWeightOnlyLinearMethod(self, scheme)
+            self._linear[scheme] = self.make_linear(scheme)
         return self._linear[scheme]
 
     def moe_method(self, spec: MoESpec) -> MoEMethod:
@@ -139,8 +139,15 @@ class WeightOnlyFormat(QuantConfig):
         if scheme is None:
             return FLOAT_MOE
         if scheme not in self._moe:
-            self._moe[scheme] = weight_only.UnpackingMoEMethod(IntWeightOnlyLinearMethod(self, scheme))
+            self._moe[scheme] = self.make_moe(scheme)
         return self._moe[scheme]
+
+    def make_linear(self, scheme) -> LinearMethod:
+        """One scheme's linear method (made once, shared by every layer of that scheme)."""
+        return IntWeightOnlyLinearMethod(self, scheme)
+
+    def make_moe(self, scheme) -> MoEMethod:
+        return weight_only.UnpackingMoEMethod(self.make_linear(scheme))
 
 
 FLOAT_LINEAR = UnquantizedLinearMethod()

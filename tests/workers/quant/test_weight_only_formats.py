@@ -126,7 +126,19 @@ def test_tp2_and_ep2_match_the_oracle(ray_session, producer, row):
         assert clear_top1 >= MIN_TOP1 and kl <= MAX_KL, (clear_top1, kl)
 
 
-@pytest.mark.parametrize("producer,row", ROWS, ids=ROW_IDS)
+# the npu path by default on one row per layout (GPTQ with act order, AWQ, AutoRound native, compressed-tensors
+# packed asymmetric, int8 activations dense and MoE, packed MoE); every row with -m slow
+DEFAULT_NPU = {("gptqmodel_models", "w4g128_actorder"), ("autoround_models", "awq_w4g128"),
+               ("autoround_models", "native_extra_config_asym"), ("llmcompressor_models", "w4a16_g128_asym"),
+               ("llmcompressor_models", "w8a8_dynamic"), ("llmcompressor_models", "moe_w4a8_dynamic"),
+               ("gptqmodel_models", "moe_w4g128_actorder")}
+NPU_ROWS = [
+    pytest.param(p, r, marks=() if (p, r) in DEFAULT_NPU else pytest.mark.slow, id=f"{p.removesuffix('_models')}-{r}")
+    for p, r in ROWS
+]
+
+
+@pytest.mark.parametrize("producer,row", NPU_ROWS)
 def test_npu_emulated_matches_cpu(npu_emulation, producer, row):
     """Our torch_npu calls (npu_weight_quant_batchmatmul with antiquant scale and offset per group; npu_dynamic_quant
     and npu_quant_matmul for W8A8), emulated from the documented op semantics, not Ascend kernels, give the plain
