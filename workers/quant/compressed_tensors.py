@@ -15,7 +15,8 @@ The config's `config_groups` each give `targets` (a module class such as "Linear
 
 Activation quantization follows compressed-tensors' dynamic per-token rule: s = max|x| / 127 per token, x_q =
 clamp(round(x / s), -128, 127) (symmetric; the op tables' dynamic_quant). Asymmetric activations, static activation
-scales, float (fp8/nvfp4) types and 2:4 sparsity are refused at load by name.
+scales, float (fp8/nvfp4) types, 2:4 sparsity and W4A8 with learned activation clipping (`activation_use_clip`, a
+converted DeepSeek layout no producer here writes) are refused at load by name.
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ class CompressedTensors(WeightOnlyFormat):
             raise CheckpointError(path, "sparsity_config", "sparse compressed-tensors checkpoints are not served")
         if qcfg.get("kv_cache_scheme"):
             raise CheckpointError(path, "kv_cache_scheme", "a quantized KV cache is not served by this build")
+        if "activation_use_clip" in qcfg or any("activation_use_clip" in (g or {}) for g in (qcfg.get("config_groups") or {}).values()):
+            raise CheckpointError(
+                path, "activation_use_clip",
+                "W4A8 with learned activation clipping (converted DeepSeek checkpoints: w13/w2 biases and alphas) is not "
+                "served by this build",
+            )
         self.groups: list[tuple[list[str], CTScheme]] = []
         for gname, group in (qcfg.get("config_groups") or {}).items():
             self.groups.append((list(group.get("targets") or []), _scheme(path, gname, group, top_format)))

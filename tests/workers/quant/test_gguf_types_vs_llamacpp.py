@@ -172,6 +172,7 @@ def test_every_type_is_tested_once():
     assert sorted(DEFAULT + SLOW) == sorted(fixtures().SMOLLM2_TYPES)
 
 
+@pytest.mark.slow  # 50 s; TP=3 on the kept-quantized default (Q4_1) runs by default: test_tensor_parallel
 def test_k_quant_tp3_greedy_equals_tp1(ray_session):
     """SmolLM2 has 9 heads / 3 KV heads, so TP=3 splits both; on Q4_K_M (Q5_0 rows of 576 = 18 blocks of 32,
     split into 6 per rank; ffn_down's Q4_K/Q6_K rows of 1536 = 6 blocks of 256, 2 per rank) TP=3's greedy tokens,

@@ -94,9 +94,10 @@ def _is_moe(path) -> bool:
     return bool(cfg.get("num_experts") or cfg.get("num_local_experts"))
 
 
-# TP=2 rows run by default (one per layout family); the rest: -m slow
-DEFAULT_TP = {("autoround_models", "gptq_w4g128_asym"), ("gptqmodel_models", "w4g128_actorder"),
-              ("llmcompressor_models", "moe_w8a8_dynamic"), ("autoround_models", "moe_awq_w4g128")}
+# TP=2 rows run by default: GPTQ act order under row-parallel, compressed-tensors W8A8 MoE and AWQ MoE (TP and EP);
+# the rest: -m slow
+DEFAULT_TP = {("gptqmodel_models", "w4g128_actorder"), ("llmcompressor_models", "moe_w8a8_dynamic"),
+              ("autoround_models", "moe_awq_w4g128")}
 TP_ROWS = [
     pytest.param(p, r, marks=() if (p, r) in DEFAULT_TP else pytest.mark.slow, id=f"{p.removesuffix('_models')}-{r}")
     for p, r in ROWS
@@ -271,6 +272,8 @@ def test_unserved_compressed_tensors_schemes_are_refused_by_name(tmp_path):
     _edit_config(path, static_acts)
     message = _load_error(path)
     assert "input_activations" in message and "dynamic per-token" in message, message
+    _edit_config(path, lambda q: q.update(activation_use_clip=True))
+    assert "activation_use_clip" in _load_error(path)
 
 
 REFUSED = [(p, r) for p, m in FIXTURES.items() for r in m.ROWS if getattr(m.ROWS[r], "refused", False)]
@@ -282,3 +285,21 @@ def test_rows_the_producer_refuses_are_still_refused(producer, row):
     with g_idx): if a producer release starts making one, this fails and the row joins the checked ones."""
     with pytest.raises(FIXTURES[producer].ProducerFailed):
         FIXTURES[producer].build(row)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("producer,row", [("gptqmodel_models", "w4g128_actorder"), ("llmcompressor_models", "w8a8_dynamic")])
+def test_tp4_matches_the_oracle(ray_session, producer, row):
+    """TP=4 where the shapes allow it (4 heads, 2 KV heads replicated, intermediate 512 = 4 groups of 128): act order
+    split four ways under row-parallel; W8A8's activations quantized per rank's K slice."""
+    from shardserve import LLM
+
+    path = _built(producer, row)
+    seqs = ids(vocab(path))[:1]
+    with LLM(str(path), tp_size=4, device="cpu", kv_cache_memory_gb=0.05, cpu_threads_per_worker=1) as llm:
+        split = torch.cat([llm.score(s) for s in seqs])
+    ref = torch.cat([reference_logits(_oracle(producer, row, tp=4), s) for s in seqs])
+    clear_top1, clear = margin_top1(split, ref)
+    _, kl = compare(split, ref)
+    print(f"\n{producer} {row} TP=4 vs oracle: top-1 {clear_top1:.4f} on {clear} clear, KL {kl:.2e}")
+    assert clear_top1 >= MIN_TOP1 and kl <= MAX_KL
