@@ -22,13 +22,12 @@ converted DeepSeek layout no producer here writes) are refused at load by name.
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from shardserve.workers.loader.source import CheckpointError, CheckpointSource
+from shardserve.workers.loader.source import CheckpointError
 from shardserve.workers.quant import weight_only
 from shardserve.workers.quant.base import (
     LinearMethod,
@@ -95,31 +94,8 @@ class CompressedTensors(WeightOnlyFormat):
                 return scheme
         return None
 
-    def bind(self, source: CheckpointSource) -> None:
-        self._names = set(source.names())
-        self._shapes = {n: tuple(source.shape(n)) for n in self._names}
-        for name in sorted(self._names):
-            for suffix in self.quantized_suffixes:
-                if name.endswith(suffix) and self.config_scheme(name[: -len(suffix)]) is None:
-                    raise CheckpointError(
-                        source.file_of(name), name,
-                        f"the compressed-tensors config (ignore list / targets) leaves {name[: -len(suffix)]} "
-                        f"unquantized, but the files hold its quantized tensors",
-                    )
-
-    def scheme_of(self, module: str) -> Hashable:
-        scheme = self.config_scheme(module)
-        if scheme is None or not self._names:
-            return scheme
-        if scheme.format == "pack-quantized":
-            marker = f"{module}.weight_packed"
-        else:
-            marker = f"{module}.weight_scale"
-        if marker in self._names:
-            return scheme
-        if f"{module}.weight" in self._names and re.search(r"(^|\.)(mlp\.gate|shared_expert_gate|router)$", module):
-            return None
-        raise CheckpointError(self.path, marker, f"missing: the compressed-tensors config quantizes {module} ({scheme})")
+    def marker(self, module: str, scheme: CTScheme) -> str:
+        return f"{module}.weight_packed" if scheme.format == "pack-quantized" else f"{module}.weight_scale"
 
     def make_linear(self, scheme: CTScheme) -> LinearMethod:
         cls = CTPackedLinearMethod if scheme.format == "pack-quantized" else CTIntLinearMethod

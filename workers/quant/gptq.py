@@ -98,17 +98,23 @@ class WeightOnlyFormat(QuantConfig):
         raise NotImplementedError
 
     # ---- the files must agree with the config ---------------------------------------------------------------
+    quantized_suffixes: ClassVar[tuple[str, ...]] = (".qweight",)  # tensors only a quantized module has
+
+    def marker(self, module: str, scheme) -> str:
+        """The tensor a module of `scheme` must have in the files."""
+        return f"{module}.qweight"
+
     def bind(self, source: CheckpointSource) -> None:
         self._names = set(source.names())
         self._shapes = {n: tuple(source.shape(n)) for n in self._names}
         for name in sorted(self._names):
-            if name.endswith(".qweight"):
-                module = name[: -len(".qweight")]
-                if self.config_scheme(module) is None:
+            for suffix in self.quantized_suffixes:
+                module = name[: -len(suffix)]
+                if name.endswith(suffix) and self.config_scheme(module) is None:
                     raise CheckpointError(
                         source.file_of(name), name,
-                        f"{self.name} config ({os.path.basename(self.path)}) leaves {module} unquantized, but the files "
-                        f"hold its quantized weight",
+                        f"the {self.name} config ({os.path.basename(self.path)}: its rules, ignore list or targets) "
+                        f"leaves {module} unquantized, but the files hold its quantized tensors",
                     )
 
     def shape(self, name: str) -> tuple[int, ...] | None:
@@ -116,12 +122,15 @@ class WeightOnlyFormat(QuantConfig):
 
     def scheme_of(self, module: str) -> Hashable:
         scheme = self.config_scheme(module)
-        if scheme is None or not self._names or f"{module}.qweight" in self._names:
+        if scheme is None or not self._names:
+            return scheme
+        marker = self.marker(module, scheme)
+        if marker in self._names:
             return scheme
         if f"{module}.weight" in self._names and ROUTER.search(module):
             return None  # a router left float by the producer
         raise CheckpointError(
-            self.path, f"{module}.qweight",
+            self.path, marker,
             f"missing: the {self.name} config quantizes {module} ({scheme})"
             + (", but the files hold it as a float weight" if f"{module}.weight" in self._names else ""),
         )
