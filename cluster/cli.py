@@ -36,8 +36,26 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--cpu-threads-per-worker", type=int, default=None)
+    # SGLang's flag, so that its Ascend command lines run as they are: "ascend" is our NPU table's attention
+    # (torch_npu), "torch_native" the plain-torch one of the CPU and CUDA tables; others are refused by name
+    p.add_argument("--attention-backend", default=None, choices=list(ATTENTION_BACKENDS))
     p.add_argument("--gguf-dequantize", action="store_true",
                    help="GGUF: dequantize weights to the compute dtype at load instead of keeping them quantized")
+
+
+ATTENTION_BACKENDS = {"ascend": ("npu",), "torch_native": ("cpu", "cuda")}  # backend -> the devices that run it
+
+
+def _check_attention_backend(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--attention-backend must name the attention of the chosen device: ascend picks the NPU under --device auto."""
+    backend = getattr(args, "attention_backend", None)
+    if backend is None:
+        return
+    devices = ATTENTION_BACKENDS[backend]
+    if args.device == "auto" and len(devices) == 1:
+        args.device = devices[0]
+    elif args.device != "auto" and args.device not in devices:
+        parser.error(f"--attention-backend {backend} runs on --device {' or '.join(devices)}, not {args.device}")
 
 
 def _config(args: argparse.Namespace) -> EngineConfig:
@@ -174,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     b.set_defaults(func=batch)
     args = parser.parse_args(argv)
+    _check_attention_backend(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.func(args)
 

@@ -25,3 +25,39 @@ def test_bad_tp_size_exits_with_the_reason():
     out = subprocess.run([exe, "generate", "hi", "--tp-size", "2"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "num_attention_heads=9 is not divisible" in out.stderr
+
+
+# SGLang's Ascend command line from the seeds ("Quantization on Ascend", GGUF usage), with `shardserve serve` in
+# place of `python3 -m sglang.launch_server`
+SGLANG_ASCEND = ("--model-path Qwen3-14B-Q4_K_M.gguf --device npu --attention-backend ascend --host 0.0.0.0 "
+                 "--port 30000 --mem-fraction-static 0.7 --tp-size 2").split()
+
+
+def _parsed(monkeypatch, argv: list[str]):
+    from shardserve.cluster import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "serve", lambda args: seen.setdefault("args", args))
+    cli.main(["serve", *argv])
+    return seen["args"]
+
+
+def test_sglangs_ascend_command_line_is_taken_flag_for_flag(monkeypatch):
+    args = _parsed(monkeypatch, SGLANG_ASCEND)
+    assert (args.device, args.attention_backend, args.host, args.port) == ("npu", "ascend", "0.0.0.0", 30000)
+    assert (args.mem_fraction_static, args.tp_size, args.model_path) == (0.7, 2, "Qwen3-14B-Q4_K_M.gguf")
+    auto = _parsed(monkeypatch, ["--attention-backend", "ascend"])  # --device auto: ascend picks the NPU
+    assert auto.device == "npu"
+
+
+def test_unsupported_flags_and_backends_are_refused_by_name(monkeypatch, capsys):
+    import pytest
+
+    for argv, said in [
+        (["--attention-backend", "fa3"], "invalid choice: 'fa3'"),
+        (["--attention-backend", "ascend", "--device", "cpu"], "--attention-backend ascend runs on --device npu, not cpu"),
+        (["--speculative-algorithm", "EAGLE"], "unrecognized arguments: --speculative-algorithm EAGLE"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            _parsed(monkeypatch, argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err, argv
