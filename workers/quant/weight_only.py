@@ -79,34 +79,37 @@ def check_bits(bits: int, where: str, supported: tuple[int, ...] = (2, 4, 8)) ->
 
 
 # ---- the kernel layout --------------------------------------------------------------------------------------------
-def runs(g_idx: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Rows regrouped: (groups present [P] ascending, k_index [P * G] (row of each slot, -1 a zero slot), whether
-    k_index is the identity on a prefix with only zero slots after it)."""
+def runs(g_idx: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, bool, int]:
+    """Rows regrouped: (groups present [P] ascending, k_index [P * R] (row of each slot, -1 a zero slot), whether
+    k_index is the identity on a prefix with only zero slots after it, R the slots per group). R is G, or less where
+    no group of this slice holds G rows (a row-parallel slice of one group per channel, act order split over ranks):
+    the longest run rounded up to 32, so that such a slice is not padded back to whole groups."""
     present, counts = torch.unique(g_idx, return_counts=True)
-    if int(counts.max()) > group:
-        raise ValueError(f"a group holds {int(counts.max())} rows, more than the group size {group}")
+    longest = int(counts.max())
+    if longest > group:
+        raise ValueError(f"a group holds {longest} rows, more than the group size {group}")
+    run = group if group < 32 else min(group, -(-longest // 32) * 32)
     order = torch.argsort(g_idx, stable=True)  # rows sorted by group
-    slot_of_group = torch.arange(len(present)) * group  # first slot of each present group
+    slot_of_group = torch.arange(len(present)) * run  # first slot of each present group
     starts = torch.cumsum(counts, 0) - counts  # first sorted position of each present group
     rank_in_group = torch.arange(len(g_idx)) - torch.repeat_interleave(starts, counts)
     slots = torch.repeat_interleave(slot_of_group, counts) + rank_in_group  # slot of each sorted row
-    k_index = torch.full((len(present) * group,), -1, dtype=torch.int64)
+    k_index = torch.full((len(present) * run,), -1, dtype=torch.int64)
     k_index[slots] = order
     K = len(g_idx)
     prefix = bool((k_index[:K] == torch.arange(K)).all()) and bool((k_index[K:] == -1).all())
-    return present, k_index, prefix
+    return present, k_index, prefix, run
 
 
 def pack(layer: nn.Module, w: Unpacked) -> None:
     """Lay `w` out for the layer's op table: layer.qweight (a GroupWeight [.., N, P * G]), layer.k_index (None
     when x only needs zero padding to layer.k_slots), layer.k_in (K)."""
-    present, k_index, prefix = runs(w.g_idx, w.group)
+    present, k_index, prefix, group = runs(w.g_idx, w.group)
     mid = 1 << (w.bits - 1)
     scale = w.scale.float().index_select(-1, present)  # [.., N, P]
     zero = None if w.zero is None else (mid - w.zero.float().index_select(-1, present)) * scale
-    group = w.group
     sub = next((g for g in KERNEL_GROUPS if group % g == 0), group) if group not in KERNEL_GROUPS else group
-    if sub != group:  # one scale per channel (G = K = 576, say): the same values over groups a kernel takes, exact
+    if sub != group:  # runs of 576 (one scale per channel) or 96: the same scales over groups a kernel takes, exact
         scale = scale.repeat_interleave(group // sub, dim=-1)
         zero = None if zero is None else zero.repeat_interleave(group // sub, dim=-1)
         group = sub

@@ -93,3 +93,15 @@ def test_packed_layout_multiplies_by_the_dequantized_weight(table, case):
     else:
         assert rel < 1e-2, rel
     assert layer.k_slots % 32 == 0 and layer.k_slots >= length
+
+
+def test_a_slice_holding_part_of_each_group_is_not_padded_back_to_whole_groups():
+    """One scale per channel (G = K = 576) split over two ranks: 288 slots, not 576; act order over two ranks: each
+    group's run is its longest share rounded up to 32, not G."""
+    assert wo.runs(wo.trivial_g_idx(288, 288, 576), 576)[3] == 288
+    perm = torch.randperm(512, generator=torch.Generator().manual_seed(0))
+    g_all = torch.empty(512, dtype=torch.long)
+    g_all[perm] = torch.arange(512) // 128
+    present, k_index, prefix, run = wo.runs(g_all[256:], 128)
+    assert run < 128 and len(k_index) == 4 * run and not prefix
+    assert sorted(k_index[k_index >= 0].tolist()) == list(range(256))  # every row in exactly one slot
