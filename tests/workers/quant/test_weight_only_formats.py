@@ -34,17 +34,7 @@ MIN_TOP1, MAX_KL = 0.99, 1e-3
 MARGIN = 0.05  # logit gap below which the CPU kernel's bf16 rounding may flip a near-tie
 
 
-def _fixture_modules():
-    out = {}
-    for name in PRODUCERS:
-        try:
-            out[name] = importlib.import_module(f"tests.fixtures.{name}")
-        except ModuleNotFoundError:
-            continue
-    return out
-
-
-FIXTURES = _fixture_modules()
+FIXTURES = {name: importlib.import_module(f"tests.fixtures.{name}") for name in PRODUCERS}
 ROWS = [(p, r) for p, m in FIXTURES.items() for r in m.ROWS if not getattr(m.ROWS[r], "refused", False)]
 ROW_IDS = [f"{p.removesuffix('_models')}-{r}" for p, r in ROWS]
 
@@ -197,13 +187,6 @@ def _load_error(path) -> str:
     with pytest.raises((CheckpointError, ValueError)) as e:
         worker(path)
     return str(e.value)
-
-
-def _first_row(producer: str, pred) -> tuple[str, str]:
-    for p, r in ROWS:
-        if p == producer and pred(FIXTURES[p].build(r)):
-            return p, r
-    pytest.fail(f"no {producer} row for this check")
 
 
 GPTQ_ROW = ("gptqmodel_models", "w4g128")
