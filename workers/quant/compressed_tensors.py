@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shardserve.workers.device.quant_ops import dynamic_quant_reference
 from shardserve.workers.loader.source import CheckpointError
 from shardserve.workers.quant import weight_only
 from shardserve.workers.quant.base import (
@@ -207,11 +208,10 @@ class CTIntLinearMethod(LinearMethod):
         self.fmt, self.scheme = fmt, scheme
 
     def tensors(self, spec: LinearSpec) -> list[TensorSpec]:
-        s, k = self.scheme, spec.input_size
+        s = self.scheme
         dims = ("N", 1) if s.group == -1 else ("N", "K")
         scale = TensorSpec("weight_scale", dims, in_pack=1 if s.group == -1 else s.group, dtype=torch.float32)
         out = [TensorSpec("weight"), scale, TensorSpec("weight_zero_point", dims, in_pack=scale.in_pack, optional=True)]
-        del k
         return [*out, bias_spec(spec)]
 
     def check(self, layer: nn.Module, where: str) -> None:
@@ -252,15 +252,9 @@ class CTIntLinearMethod(LinearMethod):
         return layer.qweight.float() * layer.weight_scale.unsqueeze(-1)
 
     def reference(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x_q, s_x = weight_only_dynamic(x)
-        y = (x_q @ self.reference_weight(layer).T) * s_x
+        x_q, s_x = dynamic_quant_reference(x, 8)  # compressed-tensors' dynamic per-token int8 rule
+        y = (x_q.float() @ self.reference_weight(layer).T) * s_x.unsqueeze(-1)
         return (y if layer.bias is None else y + layer.bias.float()).to(x.dtype)
-
-
-def weight_only_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """compressed-tensors' dynamic per-token int8 rule in float32: (x_q as floats, s [T, 1])."""
-    s = x.float().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
-    return torch.round(x.float() / s).clamp(-128, 127), s
 
 
 class CTIntMoEMethod(MoEMethod):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+from abc import abstractmethod
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -93,9 +94,9 @@ class WeightOnlyFormat(QuantConfig):
 
     methods: ClassVar[tuple[str, ...]]
 
+    @abstractmethod
     def config_scheme(self, module: str) -> Scheme | None:
         """The scheme the config gives `module`, before the files are consulted."""
-        raise NotImplementedError
 
     # ---- the files must agree with the config ---------------------------------------------------------------
     quantized_suffixes: ClassVar[tuple[str, ...]] = (".qweight",)  # tensors only a quantized module has

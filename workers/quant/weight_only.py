@@ -19,6 +19,7 @@ where a table's kernel cannot take the layout (its docstring says where).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -149,8 +150,9 @@ class UnpackingLinearMethod(LinearMethod):
     """A format's integer weight-only linear: `tensors` declares the checkpoint's, `unpack` turns the loaded ones (a
     leading expert axis allowed) into Unpacked; packing, the kernel call and the reference are shared."""
 
+    @abstractmethod
     def unpack(self, layer: nn.Module, spec: LinearSpec) -> Unpacked:
-        raise NotImplementedError
+        """The loaded checkpoint tensors of `layer` (consumed: deleted from it) as Unpacked."""
 
     def after_load(self, layer: nn.Module, spec: LinearSpec) -> None:
         pack(layer, self.unpack(layer, spec))
