@@ -39,4 +39,4 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) tests/.cache
+	rm -rf $(VENV) tests/.cache  # the test fixtures' cache, ~/.cache/shardserve-tests, is kept (rm it to rebuild)

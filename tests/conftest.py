@@ -7,8 +7,9 @@ import os
 import pytest
 
 from shardserve.cluster.config import default_model_path
+from tests.fixtures.producers import CACHE_ROOT
 
-CACHE = os.path.join(os.path.dirname(__file__), ".cache")
+CACHE = str(CACHE_ROOT)  # outside the repository: a clean clone keeps what earlier runs built
 
 
 @pytest.fixture(scope="session")
