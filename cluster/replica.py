@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -17,6 +18,10 @@ from shardserve.workers.worker import Worker
 logger = logging.getLogger(__name__)
 
 
+# replica index -> the node holding its TP group, for the replicas this process (the router actor) has placed
+_PLACED: dict[int, str] = {}
+
+
 class WorkerDiedError(RuntimeError):
     """A worker of the replica died, raised or hung mid-step: the replica is rebuilt, its requests retried."""
 
@@ -28,6 +33,19 @@ def bundle(cfg: EngineConfig, resource: str) -> dict[str, float]:
     return {resource: 1, "CPU": 1}
 
 
+def spread_target(need: dict[str, float], tp_size: int) -> str | None:
+    """The node a new replica's TP group should go to: of the alive nodes big enough for the whole group, the one
+    holding the fewest of the other replicas (most of the device resource on a tie); None while no replica is
+    placed (Ray chooses). Replicas spread over nodes; a TP group stays on one (STRICT_PACK)."""
+    if not _PLACED:
+        return None
+    held = Counter(_PLACED.values())
+    fits = [n for n in ray.nodes() if n.get("Alive") and all(n["Resources"].get(k, 0) >= v * tp_size for k, v in need.items())]
+    device = next((k for k in need if k != "CPU"), "CPU")
+    best = min(fits, key=lambda n: (held[n["NodeID"]], -n["Resources"].get(device, 0)), default=None)
+    return None if best is None else best["NodeID"]
+
+
 class Replica:
     """Places its workers from the Ray resource name of the device alone: the router that creates replicas
     never imports a device stack (a CPU head node has no torch_npu)."""
@@ -36,8 +54,11 @@ class Replica:
         self.cfg, self.index, self.device = cfg, index, cfg.device
         self.worker_info: list[dict] = []  # what each rank reported after loading (pid, load time, format)
         self.workers: list = []
+        self.node_id: str | None = None
         need = bundle(cfg, RAY_RESOURCES[cfg.device])
-        self.pg = placement_group([need] * cfg.tp_size, strategy="STRICT_PACK")
+        # a soft target: where that node lacks room now, Ray places the group on another one
+        self.pg = placement_group([need] * cfg.tp_size, strategy="STRICT_PACK",
+                                  _soft_target_node_id=spread_target(need, cfg.tp_size))
         ready, _ = ray.wait([self.pg.ready()], timeout=cfg.placement_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
@@ -46,6 +67,8 @@ class Replica:
                 f"within {cfg.placement_timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}, "
                 f"available: {ray.available_resources()}"
             )
+        self.node_id = ray.util.placement_group_table(self.pg)["bundles_to_node_id"][0]
+        _PLACED[index] = self.node_id
         opts = {"num_cpus": need["CPU"], "num_gpus": need.get("GPU", 0)}
         if "NPU" in need:
             opts["resources"] = {"NPU": need["NPU"]}
@@ -66,6 +89,8 @@ class Replica:
         port = self._get([self.workers[0].free_port.remote()])[0]
         threads = self.cfg.threads_per_worker()
         self.worker_info = self._get([w.init.remote(addr, port, threads) for w in self.workers])
+        for info in self.worker_info:
+            info["node_id"] = self.node_id  # STRICT_PACK: every rank on the group's node
         return self.worker_info
 
     def init_cache(self, num_blocks: int | None) -> int:
@@ -114,3 +139,5 @@ class Replica:
         if self.pg is not None:  # idempotent: a rebuild and a shutdown may both release it
             remove_placement_group(self.pg)
             self.pg = None
+            if _PLACED.get(self.index) == self.node_id:
+                del _PLACED[self.index]

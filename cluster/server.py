@@ -162,6 +162,8 @@ class _Metrics:
             k: Gauge(f"shardserve_{k}", f"router {k.replace('_', ' ')}", registry=r)
             for k in ("running", "waiting", "free_blocks", "total_blocks", "prefix_hits", "prefix_queries", "preemptions", "steps")
         }
+        self.routed = Gauge("shardserve_routed_requests", "new requests routed to each replica: by the longest cached "
+                            "prefix of the prompt, or to the least loaded", ["replica", "reason"], registry=r)
         label = {"labelnames": ["model_name"], "registry": r}
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "time to first token", buckets=_TTFT_BUCKETS, **label)
         self.tpot = Histogram("vllm:time_per_output_token_seconds", "time per output token after the first",
@@ -184,6 +186,9 @@ class _Metrics:
             g.set(stats.get(k, 0))
         for k, f in self.router_gauges.items():
             self.vllm_gauges[k].labels(self.model_name).set(f(stats))
+        for i, by in enumerate(stats.get("routed", [])):
+            for reason, n in by.items():
+                self.routed.labels(str(i), reason).set(n)
 
     def finished(self, start: float, first: float | None, prompt_tokens: int, completion_tokens: int) -> None:
         """One answered request: its latencies (from the handler's start; `first`: when its first token came) and

@@ -51,17 +51,21 @@ class BlockManager:
         assert not seq.table, "prefix matching happens at admission, on an empty table"
         if not self.enable_prefix_caching:
             return 0
-        parent = None
-        for i in range((len(tokens) - 1) // self.block_size):
-            h = _hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
+        for h in prompt_block_hashes(tokens, self.block_size):
             bid = self.cached.get(h)
             if bid is None:
                 break
             self._ref(bid)
             seq.table.append(bid)
             seq.hashes.append(h)
-            parent = h
         return len(seq.table) * self.block_size
+
+    def cached_blocks(self, hashes: list[int]) -> int:
+        """How many of the leading `hashes` (prompt_block_hashes) the prefix cache holds now; takes nothing."""
+        n = 0
+        while n < len(hashes) and hashes[n] in self.cached:
+            n += 1
+        return n
 
     def allocate(self, seq: SeqBlocks, num_tokens: int) -> bool:
         """Grow the table to hold num_tokens; False (and nothing taken) if the blocks are not there."""
@@ -112,3 +116,11 @@ class BlockManager:
 
 def _hash(parent: int | None, tokens: list[int]) -> int:
     return hash((parent, tuple(tokens)))
+
+
+def prompt_block_hashes(tokens: list[int], block_size: int) -> list[int]:
+    """The chained hashes of the full blocks of tokens[:-1]: the blocks a prompt may take from a prefix cache."""
+    hashes: list[int] = []
+    for i in range((len(tokens) - 1) // block_size):
+        hashes.append(_hash(hashes[-1] if hashes else None, tokens[i * block_size : (i + 1) * block_size]))
+    return hashes

@@ -12,6 +12,8 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from shardserve.router.affinity import RoutedPrefixes, choose
+from shardserve.router.block_manager import prompt_block_hashes
 from shardserve.router.engine import EngineCore
 from shardserve.router.outputs import Delta
 from shardserve.router.sampling_params import RequestError, SamplingParams
@@ -42,6 +44,15 @@ class _ReplicaLoop:
     task: asyncio.Task | None = None  # the step loop
     rebuild: asyncio.Task | None = None
     held: dict[str, list[Sequence]] = field(default_factory=dict)  # requests waiting for the rebuild
+    routed: RoutedPrefixes = field(init=False)  # prompt blocks routed here (prefix affinity)
+    routed_by: dict[str, int] = field(default_factory=lambda: {"prefix": 0, "load": 0})  # new requests routed here
+
+    def __post_init__(self) -> None:
+        self.forget_prefixes()
+
+    def forget_prefixes(self) -> None:
+        """A new replica (at start or rebuilt) holds no cached prefix."""
+        self.routed = RoutedPrefixes(len(self.core.blocks.blocks))
 
     @property
     def serving(self) -> bool:
@@ -114,12 +125,23 @@ class Router:
         serving = [lp for lp in self.loops if lp.serving]
         return min(serving, key=lambda lp: len(lp.core.requests)) if serving else None
 
-    def _serving(self) -> _ReplicaLoop:
-        """The replica a new request or score goes to; Unavailable (503) while none serves."""
-        loop = self._choose()
-        if loop is None:
+    def _serving(self) -> list[_ReplicaLoop]:
+        """The replicas a new request or score may go to; Unavailable (503) while none serves."""
+        serving = [lp for lp in self.loops if lp.serving]
+        if not serving:
             raise Unavailable("no replica can serve now (being rebuilt after a worker failure); retry shortly")
-        return loop
+        return serving
+
+    def _route(self, ids: list[int]) -> tuple[_ReplicaLoop, list[int], str]:
+        """A new request's replica: the serving one holding the longest prefix of its prompt, else the least
+        loaded (router/affinity.py); also the prompt's block hashes and the reason, to record once admitted."""
+        serving = self._serving()
+        hashes = []
+        if len(serving) > 1 and self.cfg.enable_prefix_caching:
+            hashes = prompt_block_hashes(ids, self.cfg.block_size)
+        matched = [max(lp.routed.matched(hashes), lp.core.blocks.cached_blocks(hashes)) for lp in serving]
+        choice = choose([len(lp.core.requests) for lp in serving], matched)
+        return serving[choice.index], hashes, "prefix" if choice.by_prefix else "load"
 
     async def generate(
         self,
@@ -130,12 +152,14 @@ class Router:
     ) -> AsyncIterator[Delta]:
         """Stream the request's deltas until every one of its n sequences finishes."""
         ids, _ = self.encode_prompt(prompt, messages)
-        loop = self._serving()
+        loop, hashes, reason = self._route(ids)
         bound = self.cfg.max_queued_requests
         if bound is not None and self._queued() >= bound:
             raise Unavailable(f"the server is overloaded: {bound} sequences wait to run already; retry shortly")
         queue: asyncio.Queue = asyncio.Queue()
         loop.core.add_request(request_id, ids, params)  # raises RequestError before anything is queued
+        loop.routed.record(hashes)
+        loop.routed_by[reason] += 1
         self.streams[request_id], self.owner[request_id] = queue, loop
         loop.wakeup.set()
         remaining = params.n
@@ -274,6 +298,7 @@ class Router:
                 await self._run_blocking(replica.shutdown)
                 return
             loop.replica, loop.core = replica, core
+            loop.forget_prefixes()
             break
         else:
             loop.state = "down"
@@ -293,7 +318,7 @@ class Router:
     async def score(self, token_ids: list[int]):
         """Teacher-forced logits of a token sequence on a serving replica (evaluation, equivalence tests);
         serialized with that replica's steps so that their collectives never interleave."""
-        loop = self._serving()
+        loop = min(self._serving(), key=lambda lp: len(lp.core.requests))
         async with loop.lock:
             return await loop.replica.score(token_ids)
 
@@ -334,4 +359,7 @@ class Router:
             for k, v in lp.core.stats.items():
                 out[k] = out.get(k, 0) + v
         out["total_blocks"] = sum(len(lp.core.blocks.blocks) for lp in self.loops)
+        out["routed"] = [dict(lp.routed_by) for lp in self.loops]  # per replica: new requests by prefix / by load
+        for reason in ("prefix", "load"):
+            out[f"routed_by_{reason}"] = sum(lp.routed_by[reason] for lp in self.loops)
         return out
