@@ -10,6 +10,7 @@ import logging
 import sys
 
 from shardserve.cluster.config import EngineConfig
+from shardserve.cluster.serve_config import print_serve_config
 from shardserve.cluster.server import MAX_BODY_BYTES
 
 
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="serve through a Ray Serve deployment (shardserve.cluster.serve_app:build_app) instead of uvicorn")
     s.add_argument("--ingress-replicas", type=int, default=1, help="with --ray-serve: HTTP ingress replicas")
     s.set_defaults(func=serve)
+    c = sub.add_parser("serve-config", parents=[s], add_help=False,
+                       help="print the Ray Serve config (a RayService's serveConfigV2) that serves with these serve flags")
+    c.set_defaults(func=lambda args: print_serve_config(args, s))
     g = sub.add_parser("generate", help="generate from prompts given on the command line")
     _engine_args(g)
     g.add_argument("prompt", nargs="+")
