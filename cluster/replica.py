@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -18,10 +17,6 @@ from shardserve.workers.worker import Worker
 logger = logging.getLogger(__name__)
 
 
-# replica index -> the node holding its TP group, for the replicas this process (the router actor) has placed
-_PLACED: dict[int, str] = {}
-
-
 class WorkerDiedError(RuntimeError):
     """A worker of the replica died, raised or hung mid-step: the replica is rebuilt, its requests retried."""
 
@@ -31,19 +26,6 @@ def bundle(cfg: EngineConfig, resource: str) -> dict[str, float]:
     if resource == "CPU":
         return {"CPU": threads}
     return {resource: 1, "CPU": 1}
-
-
-def spread_target(need: dict[str, float], tp_size: int) -> str | None:
-    """The node a new replica's TP group should go to: of the alive nodes big enough for the whole group, the one
-    holding the fewest of the other replicas (most of the device resource on a tie); None while no replica is
-    placed (Ray chooses). Replicas spread over nodes; a TP group stays on one (STRICT_PACK)."""
-    if not _PLACED:
-        return None
-    held = Counter(_PLACED.values())
-    fits = [n for n in ray.nodes() if n.get("Alive") and all(n["Resources"].get(k, 0) >= v * tp_size for k, v in need.items())]
-    device = next((k for k in need if k != "CPU"), "CPU")
-    best = min(fits, key=lambda n: (held[n["NodeID"]], -n["Resources"].get(device, 0)), default=None)
-    return None if best is None else best["NodeID"]
 
 
 class Replica:
@@ -56,9 +38,9 @@ class Replica:
         self.workers: list = []
         self.node_id: str | None = None
         need = bundle(cfg, RAY_RESOURCES[cfg.device])
-        # a soft target: where that node lacks room now, Ray places the group on another one
-        self.pg = placement_group([need] * cfg.tp_size, strategy="STRICT_PACK",
-                                  _soft_target_node_id=spread_target(need, cfg.tp_size))
+        # one node per TP group; Ray's scheduler puts each new group on the least used node that fits, so
+        # replicas spread over nodes (tests/cluster/test_multinode.py: nodes that could each hold both)
+        self.pg = placement_group([need] * cfg.tp_size, strategy="STRICT_PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=cfg.placement_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
@@ -68,7 +50,6 @@ class Replica:
                 f"available: {ray.available_resources()}"
             )
         self.node_id = ray.util.placement_group_table(self.pg)["bundles_to_node_id"][0]
-        _PLACED[index] = self.node_id
         opts = {"num_cpus": need["CPU"], "num_gpus": need.get("GPU", 0)}
         if "NPU" in need:
             opts["resources"] = {"NPU": need["NPU"]}
@@ -139,5 +120,3 @@ class Replica:
         if self.pg is not None:  # idempotent: a rebuild and a shutdown may both release it
             remove_placement_group(self.pg)
             self.pg = None
-            if _PLACED.get(self.index) == self.node_id:
-                del _PLACED[self.index]
