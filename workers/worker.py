@@ -102,6 +102,8 @@ class Worker:
         self.cfg = cfg
         return {
             "rank": self.rank,
+            "device": self.backend.name,  # the op table (the npu one runs host tensors under the emulation)
+            "dist_backend": self.backend.dist_backend,
             "architecture": cfg.architecture,
             "quantization": quant.name,
             "load_s": round(time.perf_counter() - t0, 2),
