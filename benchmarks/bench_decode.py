@@ -68,9 +68,10 @@ class EngineResult:
     batch1: Timing | None = None
     concurrent: Timing | None = None
     notes: list[str] = field(default_factory=list)
+    step_split: dict[str, dict] = field(default_factory=dict)  # shardserve: per workload, forward vs protocol
 
     def summary(self) -> dict:
-        out: dict = {"engine": self.engine, "notes": self.notes}
+        out: dict = {"engine": self.engine, "notes": self.notes, "step_split": self.step_split}
         for name in ("batch1", "concurrent"):
             t = getattr(self, name)
             if t is not None:
@@ -149,9 +150,14 @@ def run_shardserve(args: argparse.Namespace, dequantize: bool = False) -> Engine
         max_num_seqs=max(16, args.concurrency),
     )
 
+    calls = []  # per generate call: the router's step counters before and after
+
     def run(prompts: list[str], max_tokens: int) -> int:
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-        return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params))
+        before = llm.stats()
+        out = sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params))
+        calls.append((before, llm.stats()))
+        return out
 
     try:
         result = bench_engine("shardserve-dequantized" if dequantize else "shardserve", run, args)
@@ -159,7 +165,21 @@ def run_shardserve(args: argparse.Namespace, dequantize: bool = False) -> Engine
         llm.shutdown()
         ray.shutdown()
     result.notes.append("continuous batching: all prompts in one generate() call")
+    # calls: warm-up, batch-1 x1, batch-1 x(N+1), concurrent x1, concurrent x(N+1)
+    for kind, (before, after) in (("b1", calls[2]), (f"{args.concurrency}x", calls[4])):
+        result.step_split[kind] = step_split(before, after)
+        result.notes.append("{0}: step {step_ms:.2f} ms = forward {forward_ms:.2f} + protocol {protocol_ms:.2f}"
+                            .format(kind, **result.step_split[kind]))
     return result
+
+
+def step_split(before: dict, after: dict) -> dict:
+    """Mean step time as the router waits for it, split into rank 0's forward (logits and sampling included)
+    and the rest: the router, Ray's calls and transfers, the step protocol."""
+    steps = after["steps"] - before["steps"]
+    step = (after["step_seconds"] - before["step_seconds"]) / steps
+    forward = (after["forward_seconds"] - before["forward_seconds"]) / steps
+    return {"steps": steps, "step_ms": step * 1e3, "forward_ms": forward * 1e3, "protocol_ms": (step - forward) * 1e3}
 
 
 def run_llama_cpp(args: argparse.Namespace) -> EngineResult:

@@ -26,7 +26,9 @@ class EngineCore:
         self.requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
         self._scheduled: list[tuple[Sequence, int]] = []
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "steps": 0}
+        # step_seconds: steps as the router waits for them; forward_seconds: of which rank 0 ran the model
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "steps": 0,
+                      "step_seconds": 0.0, "forward_seconds": 0.0}
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:

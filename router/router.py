@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -228,7 +229,10 @@ class Router:
                     await self._idle(loop)
                     continue
                 async with loop.lock:
+                    t0 = time.perf_counter()
                     result = await loop.replica.execute(plan)
+                core.stats["step_seconds"] += time.perf_counter() - t0
+                core.stats["forward_seconds"] += result.forward_s
             except Exception as e:  # a dead, raising or hung worker: never hang its requests
                 logger.exception("replica %d: %s failed", loop.index, "step" if plan else "health check")
                 self._replica_failed(loop, f"{type(e).__name__}: {e}")

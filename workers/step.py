@@ -46,3 +46,4 @@ class SeqResult:
 @dataclass
 class StepResult:
     results: list[SeqResult] = field(default_factory=list)
+    forward_s: float = 0.0  # rank 0's time in the step's forward, logits and sampling (the rest is protocol)

@@ -137,7 +137,11 @@ class Worker:
         return num_blocks
 
     def execute(self, plan: StepPlan) -> StepResult | None:
-        return self.runner.execute(plan)
+        t0 = time.perf_counter()
+        result = self.runner.execute(plan)
+        if result is not None:
+            result.forward_s = time.perf_counter() - t0
+        return result
 
     def score(self, token_ids: list[int]):
         """Teacher-forced logits [T, vocab] (rank 0; None elsewhere): for evaluation and equivalence tests."""
