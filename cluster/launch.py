@@ -88,8 +88,9 @@ def load_tokenizer(model_path: str):
     return Tokenizer.from_gguf(gguf_file) if gguf_file else Tokenizer.from_hf_dir(model_path)
 
 
-def start_router(cfg: EngineConfig, name: str | None = None):
-    """The router actor (no resources of its own), started and loaded; returns (handle, info).
+def start_router(cfg: EngineConfig, name: str | None = None, detached: bool = False):
+    """The router actor (no resources of its own), started and loaded; returns (handle, info). `detached`: it
+    outlives the process that starts it (Serve's ingress replicas share it; the last to leave shuts it down).
 
     A start that fails (a worker's load raises, no room to place) releases what it took before raising."""
     from shardserve.router.router import Router
@@ -102,7 +103,8 @@ def start_router(cfg: EngineConfig, name: str | None = None):
     cfg.device = cluster_device(cfg.device)
     # a named router lives in our namespace whichever job starts it (a Serve replica's is "serve")
     namespace = RAY_NAMESPACE if name else None
-    actor = ray.remote(Router).options(num_cpus=0, name=name, namespace=namespace, max_concurrency=1000)
+    actor = ray.remote(Router).options(num_cpus=0, name=name, namespace=namespace, max_concurrency=1000,
+                                       lifetime="detached" if detached else None)
     # the model config read above travels with the builder: the router need not parse the checkpoint again
     router = actor.remote(cfg, functools.partial(build_replica, model_cfg=model_cfg), load_tokenizer)
     try:

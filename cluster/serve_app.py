@@ -9,8 +9,9 @@ An application builder, so that `serve run`, a Serve config file and a KubeRay R
 `args` are EngineConfig's fields (the CLI's, under their dataclass names), plus the HTTP options `api_key`,
 `max_body_bytes`, `enable_metrics_auth` and `ingress_replicas`. `shardserve serve --ray-serve` builds the same
 application from its flags. The ingress replicas share one engine: the first starts the router (named after the
-application), the others attach to it; a replica whose router died fails its health check and Serve replaces it,
-starting a new engine.
+application, detached), the others attach to it, and the last to stop shuts it down, so Serve may stop any replica
+(a scale-down, a rolling update) while the others serve; a replica whose router died fails its health check and
+Serve replaces it, starting a new engine.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import logging
 import time
 import typing
+import uuid
 from dataclasses import dataclass
 
 import ray
@@ -30,6 +32,7 @@ from shardserve.cluster.launch import RAY_NAMESPACE, start_router
 from shardserve.cluster.server import MAX_BODY_BYTES, create_app
 
 logger = logging.getLogger(__name__)
+SERVE_NAMESPACE = "serve"  # where Ray Serve creates its replica actors
 ATTACH_TIMEOUT_S = 600.0  # another replica is loading the engine: wait this long for it to serve
 
 
@@ -74,26 +77,27 @@ def _coerce(cls, f: dataclasses.Field, value):
         raise ValueError(f"{f.name}={value!r}: expected {kind.__name__}") from None
 
 
-def attach_or_start_router(cfg: EngineConfig, name: str):
-    """(router, owned): the application's router, attached to where another ingress replica started it (waiting
-    while it loads), else started here (`owned`: this replica releases it when Serve stops the replica)."""
+def attach_or_start_router(cfg: EngineConfig, name: str, user: str, namespace: str):
+    """The application's engine (its router actor), attached to where another ingress replica started it (waiting
+    while it loads), else started here, detached: it outlives the replica that started it, so that Serve may stop
+    any replica (a scale-down, a rolling update) while the others serve; the last replica to detach shuts it down."""
     try:
         router = ray.get_actor(name, namespace=RAY_NAMESPACE)
     except ValueError:
         try:
-            router, info = start_router(cfg, name=name)
+            router, info = start_router(cfg, name=name, detached=True)
             logger.info("ingress started the engine %s: %s", name, info)
-            return router, True
         except ValueError as e:
             if "already" not in str(e):  # another replica won the race to create it
                 raise
             router = ray.get_actor(name, namespace=RAY_NAMESPACE)
+    ray.get(router.attach.remote(user, namespace))
     deadline = time.monotonic() + ATTACH_TIMEOUT_S
     while not ray.get(router.health.remote()).get("ok"):
         if time.monotonic() > deadline:
             raise TimeoutError(f"the engine {name} did not start serving within {ATTACH_TIMEOUT_S:.0f}s")
         time.sleep(0.5)
-    return router, False
+    return router
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})  # the engine's workers hold the devices and cores
@@ -101,7 +105,10 @@ def attach_or_start_router(cfg: EngineConfig, name: str):
 class OpenAIIngress:
     def __init__(self, cfg: EngineConfig, options: IngressOptions):
         self.cfg, self.options = cfg, options
-        self.router, self.owns_router = attach_or_start_router(cfg, f"shardserve-router-{options.app_name}")
+        # this replica's actor, as the engine counts its users (Serve's actors live in its own namespace)
+        self.user = ray.get_runtime_context().get_actor_name() or uuid.uuid4().hex
+        self.router = attach_or_start_router(cfg, f"shardserve-router-{options.app_name}", self.user,
+                                             SERVE_NAMESPACE)
 
     def __serve_build_asgi_app__(self):
         o = self.options
@@ -115,13 +122,18 @@ class OpenAIIngress:
 
 
     def __del__(self) -> None:
-        """Serve stops this replica (the application deleted or scaled down): the engine it started gives back its
-        workers and placement groups (Serve's detached actors would otherwise keep them for the cluster's life)."""
-        if getattr(self, "owns_router", False):
-            try:
-                ray.get(self.router.shutdown.remote(), timeout=60)
-            finally:
-                ray.kill(self.router)
+        """Serve stops this replica (a scale-down, an update, the application deleted): the last replica using the
+        engine shuts it down, giving back its workers and placement groups (a detached actor would otherwise keep
+        them for the cluster's life)."""
+        router = getattr(self, "router", None)
+        if router is None:
+            return
+        try:
+            if ray.get(router.detach.remote(self.user), timeout=60) == 0:
+                ray.get(router.shutdown.remote(), timeout=60)
+                ray.kill(router)
+        except ray.exceptions.RayActorError:  # the engine is gone already
+            pass
 
 
 def build_app(args: dict) -> serve.Application:

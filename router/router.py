@@ -76,6 +76,7 @@ class Router:
         self.retried: set[str] = set()  # requests already moved once after a replica failure
         self.info: dict = {}
         self.stats_failures = {"replica_failures": 0, "requests_retried": 0, "replica_rebuilds": 0}
+        self.users: dict[str, str] = {}  # the ingress replicas sharing this engine (Ray Serve): actor name -> namespace
 
     async def start(self) -> dict:
         """Create and load the replicas one by one, then start their step loops; a failure releases them all."""
@@ -339,6 +340,27 @@ class Router:
             if lp.rebuild is None or lp.rebuild.done():  # else the rebuild released the old one already
                 lp.replica.shutdown()
         self.loops.clear()
+
+    def attach(self, user: str, namespace: str) -> None:
+        """An ingress replica (the named actor `user` in `namespace`) starts using this engine."""
+        self.users[user] = namespace
+
+    def detach(self, user: str) -> int:
+        """An ingress replica stops; returns how many live replicas still use the engine (at 0, the caller shuts
+        it down). Users whose actor is gone without detaching (a crash, a lost node) are forgotten here."""
+        import ray
+
+        self.users.pop(user, None)
+        for name, namespace in list(self.users.items()):
+            try:
+                ray.get_actor(name, namespace=namespace)
+            except ValueError:
+                del self.users[name]
+        return len(self.users)
+
+    def attached(self) -> list[str]:
+        """The ingress replicas using this engine, the earliest first."""
+        return list(self.users)
 
     # ---- introspection ----------------------------------------------------------------------
     def get_info(self) -> dict:

@@ -1,5 +1,6 @@
 """The Ray Serve ingress (cluster/serve_app.py): the application builder `serve run` and a RayService use, driven by
-the unmodified `openai` client on 127.0.0.1; deleting the application releases the engine."""
+the unmodified `openai` client on 127.0.0.1; scaling the ingress down keeps the engine, deleting the application
+releases it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,30 @@ def _free_port() -> int:
 
 def _live_placement_groups() -> int:
     return sum(pg["state"] != "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
+def _deploy_config(args: dict, replicas: int) -> None:
+    """Deploy app "t" from a Serve config (the path of `serve deploy` and KubeRay's RayService: the dashboard's REST
+    API hands the config to the controller, as here), its ingress at `replicas`; wait until it runs."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {"name": "t", "route_prefix": "/", "import_path": "shardserve.cluster.serve_app:build_app", "args": args,
+           "deployments": [{"name": "OpenAIIngress", "num_replicas": replicas}]}
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)
+
+
+def _wait(cond, what: str, timeout: float = 120, show=lambda: None) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {show()}"
+        time.sleep(0.2)
+
+
+def _ingress_states(app: str) -> dict:
+    from ray import serve
+
+    return dict(serve.status().applications[app].deployments["OpenAIIngress"].replica_states)
 
 
 def test_builder_args_are_typed_and_checked():
@@ -59,13 +84,36 @@ def test_openai_client_streams_a_chat_through_ray_serve(ray_session, cache_dir):
         assert again.choices[0].message.content == text
         info = ray.get(ray.get_actor("shardserve-router-t", namespace="shardserve").get_info.remote())
         assert len(info["workers"]) == 1  # one engine (one TP group) behind the two ingress replicas
+        # deployed from a Serve config, as a RayService does; then the replica that started the engine crashes
+        # (SIGKILL-like ray.kill: no __del__) and Serve replaces it, and the config scales the ingress down to one
+        # (num_replicas alone changes: Serve stops a replica and redeploys nothing): the engine serves on
+        # throughout, the same actor with the same workers; only the last replica to stop shuts it down
+        _deploy_config(args, replicas=2)
+        router = ray.get_actor("shardserve-router-t", namespace="shardserve")
+        info = ray.get(router.get_info.remote())
+        users = ray.get(router.attached.remote())
+        assert len(users) == 2
+        starter = users[0]
+        ray.kill(ray.get_actor(starter, namespace="serve"), no_restart=True)
+        # (detach of a user never attached: a count that forgets users whose actor is gone)
+        _wait(lambda: _ingress_states("t") == {"RUNNING": 2} and ray.get(router.detach.remote("nobody")) == 2
+              and starter not in ray.get(router.attached.remote()), "Serve to replace the crashed replica",
+              show=lambda: (_ingress_states("t"), starter, ray.get(router.attached.remote())))
+        _deploy_config(args, replicas=1)
+        _wait(lambda: _ingress_states("t") == {"RUNNING": 1}, "the scale-down")
+        after = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                               max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        assert after.choices[0].message.content == text
+        still = ray.get_actor("shardserve-router-t", namespace="shardserve")
+        assert still._actor_id == router._actor_id
+        assert ray.get(still.get_info.remote())["workers"] == info["workers"]
+        assert ray.get(still.detach.remote("nobody")) == 1  # one live ingress replica uses it now
     finally:
         serve.delete("t")
         serve.shutdown()
-    deadline = time.monotonic() + 60
-    while _live_placement_groups() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _live_placement_groups() == 0
+    _wait(lambda: _live_placement_groups() == 0, "the engine's placement groups to go")
+    with pytest.raises(ValueError):  # the detached engine is gone too, the crashed replica's share included
+        ray.get_actor("shardserve-router-t", namespace="shardserve")
 
 
 @pytest.mark.slow  # 30 s; the builder test above runs the same app in the default suite
