@@ -3,8 +3,9 @@
 For each mode, `--tp` worker processes (gloo, 127.0.0.1) load their shard exactly as a serving worker does
 (workers/worker.py Worker.init, CPU, float32 compute). Each rank reports, after its imports and before loading
 (baseline) and after loading: resident memory (VmRSS), the peak (VmHWM) and the bytes of the tensors its model
-holds. Summed over ranks: weights bytes (what the model holds: the bound issue 16 sets is 1.5x the file), RSS
-growth after load and peak growth during load (the load's transient: blocks decoded, packed). The torch and
+holds. Summed over ranks: weights bytes (what the model holds), RSS growth after load (the bound issue 16 sets:
+1.5x the file) and how much of it is anonymous memory (RssAnon: the rest is file-backed, mostly libtorch code
+pages the load runs for the first time), and peak growth during load (the load's transient: blocks decoded, packed). The torch and
 Python runtime each process carries before loading (~300 MB) is the baseline, not counted.
 """
 
@@ -32,7 +33,7 @@ def status(key):
 path, rank, tp, port, dequantize = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 torch.set_num_threads(1)
 worker = Worker(path, "cpu", "float32", None, rank, tp, gguf_dequantize=dequantize)
-base_rss, base_peak = status("VmRSS"), status("VmHWM")
+base_rss, base_peak, base_anon = status("VmRSS"), status("VmHWM"), status("RssAnon")
 t0 = time.perf_counter()
 worker.init("127.0.0.1", port, threads=1)
 load_s = time.perf_counter() - t0
@@ -42,6 +43,7 @@ for t in worker.model.buffers():
         seen.add(id(t))
         held += t.numel() * t.element_size()
 print(json.dumps({"rank": rank, "weights": held, "rss_growth": status("VmRSS") - base_rss,
+                  "anon_growth": status("RssAnon") - base_anon,
                   "peak_growth": status("VmHWM") - base_peak, "load_s": load_s}))
 """
 
@@ -67,7 +69,7 @@ def measure(path: str, tp: int, dequantize: bool) -> dict:
         if p.returncode:
             raise RuntimeError(f"a rank failed ({p.returncode})")
         ranks.append(json.loads(out.strip().splitlines()[-1]))
-    total = {k: sum(r[k] for r in ranks) for k in ("weights", "rss_growth", "peak_growth")}
+    total = {k: sum(r[k] for r in ranks) for k in ("weights", "rss_growth", "anon_growth", "peak_growth")}
     return {**total, "load_s": max(r["load_s"] for r in ranks), "ranks": ranks}
 
 
@@ -92,10 +94,11 @@ def main(argv: list[str] | None = None) -> None:
         json.dump(report, f, indent=2)
     mb = 2**20
     print(f"{os.path.basename(path)}: {size / mb:.1f} MiB, TP={args.tp} (sums over ranks)")
-    print(f"{'mode':<16}{'weights MiB':>12}{'x file':>8}{'RSS growth':>12}{'peak growth':>13}{'load s':>8}")
+    print(f"{'mode':<16}{'weights MiB':>12}{'x file':>8}{'RSS growth':>12}{'x file':>8}{'of it anon':>12}"
+          f"{'peak growth':>13}{'load s':>8}")
     for mode, r in report["modes"].items():
         print(f"{mode:<16}{r['weights'] / mb:>12.1f}{r['weights'] / size:>8.2f}{r['rss_growth'] / mb:>12.1f}"
-              f"{r['peak_growth'] / mb:>13.1f}{r['load_s']:>8.1f}")
+              f"{r['rss_growth'] / size:>8.2f}{r['anon_growth'] / mb:>12.1f}{r['peak_growth'] / mb:>13.1f}{r['load_s']:>8.1f}")
 
 
 if __name__ == "__main__":

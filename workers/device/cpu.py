@@ -3,10 +3,13 @@ W8A8-style schemes, gloo collectives."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from shardserve.workers.device.base import DeviceBackend, TorchOps
-from shardserve.workers.device.quant_ops import GroupWeight, _dequantize_groups
+from shardserve.workers.device.quant_ops import GroupWeight, _dequantize_groups, narrowest_exact
 
 # ATen's CPU int4 kernels (torch >= 2.5): weight [N, K] in a blocked nibble layout, activations and
 # scales/zeros in one dtype; _weight_int4pack_mm_cpu checks N % 16 == 0, G in {32, 64, 128, 256} and K % G == 0.
@@ -25,7 +28,12 @@ class CpuOps(TorchOps):
       hi + 8 with scale 16 * scale and zero + 8 * scale, and lo_nibble with scale alone; y is the sum of two
       kernel calls.
     - the reference "groups" layout (dequantized at each call) where the kernel does not fit: groups of 16
-      (Q2_K, Q3_K, Q6_K, NVFP4), N % 16 != 0, stacked MoE experts, embedding lookups.
+      (Q2_K, Q3_K, Q6_K, NVFP4), N % 16 != 0, stacked MoE experts.
+    An embedding (pack_groups(lookup=True)) holds the same nibbles with its exact scales (float16 where GGUF's
+    fp16 d and m make that exact) instead of the kernel's bf16 ones, and group_rows reads its rows from the
+    nibbles; a tied head adds the bf16 scales (tie_groups), so a tied vocabulary is held once: the nibbles (1 byte
+    a value for int8 types, as Q8_0 embeddings are) plus both scales, 1.31 bytes a Q8_0 value against 1.06 in
+    the file (SmolLM2's 49152 x 576: 35.4 MiB; gemma3's 262144 x 640: 210 MiB).
     The kernel rounds activations, scales and zeros to bf16 (8 significant bits; fp16 d has 11) and each output
     to bf16, accumulating in fp32: on SmolLM2 Q4_1 that moves fp32 logits by a mean KL of ~3e-4 against the
     dequantized weights, within the HF-vs-llama.cpp noise floor (tests/workers/quant/test_gguf_groups.py).
@@ -34,26 +42,37 @@ class CpuOps(TorchOps):
     def pack_groups(
         self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int, lookup: bool = False
     ) -> GroupWeight:
+        """The kernel's layout where it fits. A lookup weight holds the kernel's nibbles with the exact scales
+        (`row_scale`, `row_zero`) that group_rows reads, not the kernel's bf16 ones: tie_groups adds those."""
         N, K = q.shape[-2:]
-        if lookup or q.dim() != 2 or not _HAS_INT4_KERNEL or group not in _KERNEL_GROUPS or N % 16 or K % group:
+        fits = q.dim() == 2 and _HAS_INT4_KERNEL and group in _KERNEL_GROUPS and not N % 16 and not K % group
+        if not fits or (lookup and _nibble_layout() is None):
             return super().pack_groups(q, scale, zero, group, lookup)
-        z = torch.zeros_like(scale) if zero is None else zero.float()
-        s = scale.float()
         lo, hi = int(q.min()), int(q.max())
         if hi - lo < 16:
             # u = q + shift: centred (shift 8, the zero untouched) where q fits [-8, 7], so that small values
             # (TQ's -1..1) are not the difference of two large bf16-rounded terms; else u = q - lo
             shift = 8 if -8 <= lo and hi <= 7 else -lo
-            sz = _scales_zeros(s, z if shift == 8 else z + (8 - shift) * s)
-            return GroupWeight("int4pack", (N, K), group, bits=4, lo=lo, packed=_pack(q, shift), sz=sz)
-        # int8 q = 16 hi + 8 + (low - 8): hi = q >> 4 (arithmetic shift: floor) in [-8, 7], low = q & 15. The
-        # zero and the 8 go with hi, so the second call's part (low - 8) * scale is small and centred: the two
-        # bf16-rounded outputs then do not cancel (with the zero on low, Q5_K's parts did, 40x the error)
-        return GroupWeight(
-            "int4pack2", (N, K), group, bits=8,
-            hi=_pack(q >> 4, 8), sz_hi=_scales_zeros(16 * s, z + 8 * s),
-            lo4=_pack(q & 15, 0), sz_lo=_scales_zeros(s, torch.zeros_like(s)),
-        )
+            w = GroupWeight("int4pack", (N, K), group, bits=4, lo=-shift, packed=_pack(q, lambda u: u.add_(shift)))
+        else:
+            # int8 q = 16 hi + lo4: hi = q >> 4 (arithmetic shift: floor) in [-8, 7], lo4 = q & 15
+            hi, lo4 = _pack(q, lambda u: u.bitwise_right_shift_(4).add_(8)), _pack(q, lambda u: u.bitwise_and_(15))
+            w = GroupWeight("int4pack2", (N, K), group, bits=8, hi=hi, lo4=lo4)
+        if lookup:
+            w.register_buffer("row_scale", narrowest_exact(scale), persistent=False)
+            w.register_buffer("row_zero", None if zero is None else narrowest_exact(zero), persistent=False)
+        else:
+            _hold_kernel_scales(w, scale, zero)
+        return w
+
+    def tie_groups(self, w: GroupWeight) -> GroupWeight:
+        """A kernel-layout lookup weight gains the kernel's bf16 scales, computed from its exact ones as pack_groups
+        computes them: one copy of the values serves the embedding and the tied head."""
+        if w.layout in _KERNEL_LAYOUTS:
+            if not _multipliable(w):
+                _hold_kernel_scales(w, w.row_scale, w.row_zero)
+            return w
+        return super().tie_groups(w)
 
     def _int_sums(self, x_q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """int8 x int8 -> int32 through ATen's CPU int8 GEMM (exact for K < 2^17), which takes any shape; int4 values
@@ -70,7 +89,10 @@ class CpuOps(TorchOps):
         return super().group_matmul(x, w)
 
     def group_dequantize(self, w: GroupWeight) -> torch.Tensor:
-        """What the kernel multiplies by: the bf16 scales and zeros applied to the exact values."""
+        """What the kernel multiplies by (the bf16 scales and zeros applied to the exact values); a lookup weight
+        not tied to a head: its exact rows."""
+        if w.layout in _KERNEL_LAYOUTS and not _multipliable(w):
+            return self.group_rows(w, torch.arange(w.shape[0], device=w.row_scale.device))
         if w.layout == "int4pack":
             return _dequantize_int4(_unpack(w.packed, w.sz, w.group), w.sz, w.group)
         if w.layout == "int4pack2":
@@ -78,17 +100,110 @@ class CpuOps(TorchOps):
             return high + _dequantize_int4(_unpack(w.lo4, w.sz_lo, w.group), w.sz_lo, w.group)
         return super().group_dequantize(w)
 
+    def group_rows(self, w: GroupWeight, ids: torch.Tensor) -> torch.Tensor:
+        """Rows read from the kernel's nibbles (no unpacked copy) with the exact scales: gguf-py's values."""
+        if w.layout not in _KERNEL_LAYOUTS:
+            return super().group_rows(w, ids)
+        where = _nibble_where(*w.shape, ids, _nibble_layout())
+        if w.layout == "int4pack":
+            q = _read_nibbles(w.packed, where).to(torch.int16) + w.lo  # [T, K]
+        else:  # q = 16 (hi - 8) + lo4
+            q = torch.add(_read_nibbles(w.lo4, where).to(torch.int16), _read_nibbles(w.hi, where), alpha=16) - 128
+        zero = None if w.row_zero is None else w.row_zero.index_select(0, ids)
+        return _dequantize_groups(q, w.row_scale.index_select(0, ids), zero, w.group)
+
+
+_KERNEL_LAYOUTS = ("int4pack", "int4pack2")
+
+
+def _multipliable(w: GroupWeight) -> bool:
+    """Whether a kernel-layout weight holds the kernel's scales (not a lookup weight untied to a head)."""
+    return hasattr(w, "sz") or hasattr(w, "sz_hi")
+
+
+def _hold_kernel_scales(w: GroupWeight, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+    """The kernel's [K/G, N, 2] bf16 scales and zeros for w's nibbles (w = (u - 8) * s + z per group). int4pack2:
+    the zero and the 8 go with hi, so the second call's part (lo4 - 8) * scale is small and centred: the two
+    bf16-rounded outputs then do not cancel (with the zero on lo4, Q5_K's parts did, 40x the error)."""
+    s = scale.float()
+    z = torch.zeros_like(s) if zero is None else zero.float()
+    if w.layout == "int4pack":
+        shift = -w.lo
+        w.register_buffer("sz", _scales_zeros(s, z if shift == 8 else z + (8 - shift) * s), persistent=False)
+    else:
+        w.register_buffer("sz_hi", _scales_zeros(16 * s, z + 8 * s), persistent=False)
+        w.register_buffer("sz_lo", _scales_zeros(s, torch.zeros_like(s)), persistent=False)
+
+
+_Where = tuple[tuple[int, ...], tuple, torch.Tensor]  # a view's shape, the index into it, each row's shift
+
+
+def _nibble_where(N: int, K: int, ids: torch.Tensor, layout: tuple[int, bool]) -> _Where:
+    """Where rows `ids` [T] of u [N, K] (0..15) lie in ATen's CPU int4 layout [N, K/2] uint8, as
+    weight_to_int4pack_kernel (aten/src/ATen/native/cpu/int4mm_kernel.cpp) places them: rows in blocks of BLOCK_N
+    (Vectorized<float>::size() * 4: 64 under AVX512, 32 under AVX2 and x86's scalar build), block b at byte b * BLOCK_N * K / 2, each
+    block stored k-major. In a full block under AVX2/AVX512 ("lanes") row r's value k is byte k * BLOCK_N/2 +
+    r % (BLOCK_N/2), high nibble from r >= BLOCK_N/2; otherwise (a last, partial block of nb rows, or the scalar
+    build) byte k * nb/2 + r // 2, high nibble for odd r. `layout`: (BLOCK_N, lanes), this build's (_nibble_layout)."""
+    block_n, lanes = layout
+    half = block_n // 2
+    b, r = ids // block_n, ids % block_n  # [T]
+    if N % block_n == 0:  # whole blocks (every vocabulary here): one gather from the [N/B, K, B/2] view
+        col, high = (r % half, r // half) if lanes else (r // 2, r % 2)
+        return (N // block_n, K, half), (b, slice(None), col), (4 * high).unsqueeze(1).to(torch.uint8)
+    nb = (N - b * block_n).clamp(max=block_n)  # rows in the block
+    stride, col, high = nb // 2, r // 2, r % 2
+    if lanes:
+        full = nb == block_n
+        stride, col, high = torch.where(full, half, stride), torch.where(full, r % half, col), torch.where(full, r // half, high)
+    k = torch.arange(K, device=ids.device)
+    at = (b * (block_n * K // 2) + col).unsqueeze(1) + k * stride.unsqueeze(1)  # [T, K] byte offsets
+    return (N * K // 2,), (at,), (4 * high).unsqueeze(1).to(torch.uint8)
+
+
+def _read_nibbles(packed: torch.Tensor, where: _Where) -> torch.Tensor:
+    """The rows _nibble_where located: uint8 [T, K] in 0..15."""
+    shape, index, shift = where
+    return (packed.view(shape)[index] >> shift) & 15
+
+
+def _gather_nibbles(packed: torch.Tensor, ids: torch.Tensor, K: int, layout: tuple[int, bool]) -> torch.Tensor:
+    """Rows `ids` of u [N, K] from one int4pack plane."""
+    return _read_nibbles(packed, _nibble_where(packed.shape[0], K, ids, layout))
+
+
+@functools.cache
+def _nibble_layout() -> tuple[int, bool] | None:
+    """(BLOCK_N, lanes) of this build's int4 packing: a probe u [176, 64] (full blocks and a partial one under
+    each BLOCK_N) is packed and read back under each layout weight_to_int4pack_kernel has; None when none reads
+    it back exactly (lookups then keep the reference layout, a second copy for a tied head)."""
+    if not _HAS_INT4_KERNEL:
+        return None
+    u = torch.randint(0, 16, (176, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (176, 32):
+        return None
+    ids = torch.arange(176)
+    for layout in ((64, True), (32, True), (32, False), (16, False), (64, False)):
+        if torch.equal(_gather_nibbles(packed, ids, 64, layout).to(torch.int32), u):
+            return layout
+    return None
+
 
 _PACK_ROWS = 1024  # rows converted at a time (the layout tiles N by 64, so whole chunks concatenate exactly)
 
 
-def _pack(q: torch.Tensor, shift: int) -> torch.Tensor:
-    """[N, K] int8 values, q + shift in 0..15 -> ATen's CPU int4 layout [N, K/2] uint8 (it takes int32: a large
-    matrix, a vocabulary, is converted 1024 rows at a time to bound that copy)."""
+def _pack(q: torch.Tensor, nibbles: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[N, K] int8 values -> ATen's CPU int4 layout [N, K/2] uint8 of nibbles(q) (in place on an int32 copy, values
+    0..15). ATen takes int32: a large matrix, a vocabulary, is converted 1024 rows at a time into the output, so
+    that the int32 copy and the nibbles stay a chunk's size."""
     convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-    if q.shape[0] % _PACK_ROWS or q.shape[0] == _PACK_ROWS:
-        return convert(q.to(torch.int32).add_(shift), 1)
-    return torch.cat([convert(c.to(torch.int32).add_(shift), 1) for c in q.split(_PACK_ROWS)])
+    N, K = q.shape
+    rows = _PACK_ROWS if N % _PACK_ROWS == 0 else N
+    out = torch.empty(N, K // 2, dtype=torch.uint8)
+    for start in range(0, N, rows):
+        out[start : start + rows] = convert(nibbles(q[start : start + rows].to(torch.int32)), 1)
+    return out
 
 
 def _scales_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

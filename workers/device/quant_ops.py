@@ -32,7 +32,8 @@ class GroupWeight(nn.Module):
 
     Layout "groups" (the plain-torch reference, every table's fallback): q int8 [..., N, K], or two values a byte
     [..., N, K/2] uint8 stored as q - lo when the values span at most 16 integers (`bits` 4); scale and zero
-    float32 [..., N, K/group] (zero absent when the format has none). Exact: it holds the checkpoint's values.
+    [..., N, K/group] (zero absent when the format has none) in float16, bfloat16 or float32, whichever is the
+    narrowest to hold them exactly (`narrowest_exact`). Exact: it holds the checkpoint's values.
     """
 
     def __init__(self, layout: str, shape: tuple[int, ...], group: int, bits: int = 8, lo: int = 0, **tensors):
@@ -53,7 +54,8 @@ class QuantOps:
         self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int, lookup: bool = False
     ) -> GroupWeight:
         """Once after loading: q int8 [..., N, K], scale/zero float32 [..., N, K/group] -> this table's layout.
-        `lookup`: the weight is an embedding whose rows group_rows gathers (the reference layout, on every table).
+        `lookup`: the weight is an embedding whose rows group_rows gathers, exactly (the reference layout, or a
+        table's own that it reads exactly); tie_groups then makes it multipliable for a tied head.
         The reference keeps the values exactly (layout "groups", 4-bit packed where they span 16 integers)."""
         return pack_reference_groups(q, scale, zero, group)
 
@@ -73,8 +75,14 @@ class QuantOps:
             raise ValueError(f"{type(self).__name__} cannot read a {w.layout!r} GroupWeight (packed by another table)")
         return _dequantize_groups(_reference_q(w), w.scale, getattr(w, "zero", None), w.group)
 
+    def tie_groups(self, w: GroupWeight) -> GroupWeight:
+        """A lookup weight that a tied LM head multiplies too: w itself where this table's group_matmul reads
+        it (one copy of the values), else the head's own copy in this table's kernel layout."""
+        packed = self.pack_groups(*unpack_reference_groups(w), lookup=False)
+        return w if packed.layout == w.layout else packed
+
     def group_rows(self, w: GroupWeight, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` [T] of a lookup weight [N, K] (pack_groups(lookup=True)) -> float32 [T, K]."""
+        """Rows `ids` [T] of a lookup weight [N, K] (pack_groups(lookup=True)) -> float32 [T, K], exactly its values."""
         zero = getattr(w, "zero", None)
         q = w.q.index_select(0, ids)
         if w.bits == 4:
@@ -280,16 +288,27 @@ def dynamic_quant_reference(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, t
 
 
 def pack_reference_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> GroupWeight:
-    """The "groups" layout: values spanning at most 16 integers two a byte (even k in the low nibble)."""
+    """The "groups" layout: values spanning at most 16 integers two a byte (even k in the low nibble), scales and
+    zeros in the narrowest float type that holds them exactly."""
     lo, hi = int(q.min()), int(q.max())
-    tensors = {"scale": scale.float().contiguous()}
+    tensors = {"scale": narrowest_exact(scale).contiguous()}
     if zero is not None:
-        tensors["zero"] = zero.float().contiguous()
+        tensors["zero"] = narrowest_exact(zero).contiguous()
     if hi - lo < 16 and q.shape[-1] % 2 == 0:
         u = (q.to(torch.int16) - lo).to(torch.uint8)
         packed = u[..., 0::2] | (u[..., 1::2] << 4)
         return GroupWeight("groups", tuple(q.shape), group, bits=4, lo=lo, q=packed.contiguous(), **tensors)
     return GroupWeight("groups", tuple(q.shape), group, q=q.to(torch.int8).contiguous(), **tensors)
+
+
+def narrowest_exact(t: torch.Tensor) -> torch.Tensor:
+    """t (float32 values) in float16 or bfloat16 where every value survives the round trip (GGUF's fp16 d and m
+    do: Q4_0, Q4_1, Q5_0, Q8_0), else float32. Readers widen with .float(), so the values they see are t's."""
+    for dtype in (torch.float16, torch.bfloat16):
+        narrow = t.to(dtype)
+        if torch.equal(narrow.float(), t.float()):
+            return narrow
+    return t.float()
 
 
 def unpack_reference_groups(w: GroupWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:

@@ -1,9 +1,10 @@
 """Vocab-parallel embedding and LM head: each rank holds a contiguous slice of the (padded) vocabulary.
 
 A format may keep the matrix group-quantized (GGUF: QuantConfig.vocab_groups): the embedding then gathers and
-dequantizes only the rows it looks up (a lookup layout of the op table), and the head multiplies the quantized
-matrix in the op table's kernel layout; a tied head repacks the embedding's values for that kernel (or shares
-them where the table's kernel layout is the lookup layout).
+dequantizes only the rows it looks up (a lookup layout of the op table, exact), and the head multiplies the
+quantized matrix in the op table's kernel layout. A tied head shares the embedding's values where the table can
+read rows from its kernel layout (the CPU's ATen int4 nibbles, with exact scales beside the kernel's bf16 ones;
+the reference, whose lookup layout is its kernel layout) and holds a second copy elsewhere (the NPU).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardserve.workers.device.base import TorchOps
-from shardserve.workers.device.quant_ops import GroupWeight, unpack_reference_groups
+from shardserve.workers.device.quant_ops import GroupWeight
 from shardserve.workers.distributed import TPGroup
 from shardserve.workers.loader.source import CheckpointError, CheckpointSource
 from shardserve.workers.quant.base import QuantConfig
@@ -47,11 +48,9 @@ class VocabParallelEmbedding(nn.Module):
         if groups is not None:
             self._check_width(source, groups.q.shape[1])
             pad = self.per_rank - groups.q.shape[0]
-            q, scale = torch.from_numpy(groups.q), torch.from_numpy(groups.scale)
-            zero = None if groups.zero is None else F.pad(torch.from_numpy(groups.zero), (0, 0, 0, pad))
-            self.qweight = self.ops.pack_groups(
-                F.pad(q, (0, 0, 0, pad)), F.pad(scale, (0, 0, 0, pad)), zero, groups.group, lookup=self.lookup
-            )
+            q, scale = _pad_rows(torch.from_numpy(groups.q), pad), _pad_rows(torch.from_numpy(groups.scale), pad)
+            zero = None if groups.zero is None else _pad_rows(torch.from_numpy(groups.zero), pad)
+            self.qweight = self.ops.pack_groups(q, scale, zero, groups.group, lookup=self.lookup)
             return
         rows = source.read(self.name, dim=0, start=self.start, length=length)
         self._check_width(source, rows.shape[1])
@@ -78,6 +77,11 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
 
+def _pad_rows(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """t [R, ...] with `pad` zero rows appended (no copy without padding: a vocabulary's int8 rows are large)."""
+    return t if pad == 0 else F.pad(t, (0, 0, 0, pad))
+
+
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits on rank 0: each rank computes its vocab slice, gathered and trimmed to the real vocab."""
 
@@ -90,12 +94,13 @@ class ParallelLMHead(VocabParallelEmbedding):
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         """Read the embedding's weight. Held as a submodule, not as a second buffer: `.to()` copies each
         module's buffers, so a shared buffer would arrive on the device twice (and no longer tied).
-        A quantized embedding is repacked for the head's kernel, unless the kernel layout is the lookup one."""
+        A quantized embedding's weight is made multipliable by the op table (tie_groups): one copy, which the
+        head reads through `tied`, where the table's group_matmul reads its lookup layout, else a second copy."""
         self.weight = None
         self.tied = embedding
         if embedding.qweight is not None:
-            packed = self.ops.pack_groups(*unpack_reference_groups(embedding.qweight), lookup=False)
-            self.qweight = None if packed.layout == embedding.qweight.layout else packed
+            packed = self.ops.tie_groups(embedding.qweight)
+            self.qweight = None if packed is embedding.qweight else packed
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         qweight = self.qweight if self.qweight is not None else getattr(self.tied, "qweight", None)

@@ -6,7 +6,11 @@ exactly the checkpoint's values, packed by the device's op table (`pack_groups`:
 the NPU's npu_weight_quant_batchmatmul, the plain-torch reference elsewhere) and multiplied by its group_matmul.
 Fused layers (qkv, gate_up, an MoE's w13) whose parts differ in type share the finer group and a zero. Stacked
 MoE experts (ffn_*_exps) stay quantized under TP and EP; the token embedding is gathered from its quantized rows,
-and the LM head (tied or not) multiplies the quantized matrix.
+and the LM head (tied or not) multiplies the quantized matrix, a tied one held once on the CPU (embed_head.py).
+Memory on the CPU, per value against the file: 4-bit types 0.63 bytes (Q4_1: 0.63 in the file, Q4_K: 0.56);
+5-bit and 8-bit types 1.25 (two nibble planes and two bf16 scale pairs per 32: Q5_0 0.69, Q8_0 1.06 in the file);
+groups of 16 (Q6_K, Q3_K, Q2_K) int8 or two a byte, with a scale per 16 (float32: their d * sc is not exact in
+float16; Q6_K: 1.25 against 0.82).
 
 Dequantized at load into the compute dtype (gguf-py's dequantizer): F32/F16/BF16 and the grid types
 (IQ1_*, IQ2_*, IQ3_*), a layer mixing those with integer types, a TP split inside a block, and every layer under

@@ -13,6 +13,8 @@ the integer fields is a valid block, so this covers all values the types can hol
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -121,7 +123,74 @@ def test_layout_holds_the_checkpoint_values(table, qtype):
         assert ((held - w).abs() <= _cpu_bound(q, scale, zero, group)).all()
     lookup = ops.pack_groups(q, scale, zero, group, lookup=True)
     ids = torch.tensor([5, 0, 63, 5])
-    assert lookup.layout == "groups" and torch.equal(ops.group_rows(lookup, ids), w[ids])
+    assert lookup.layout == ("groups" if table == "reference" else packed.layout)  # CPU: rows from the kernel's
+    assert torch.equal(ops.group_rows(lookup, ids), w[ids])
+
+
+# K-quants, 5/8-bit and 4-bit types; rows: one block of 16, full blocks of 32/64 with a partial one (48 = 32 + 16,
+# 80 = 64 + 16), 1040 (one conversion, a partial tail) and 2048 (converted 1024 rows at a time)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_K, T.Q8_0, T.TQ2_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [16, 48, 80, 1040, 2048])
+def test_cpu_rows_read_from_the_kernel_layout_are_gguf_py_values(qtype, n):
+    """One copy for a tied embedding and head: group_rows reads the ATen int4 nibbles (int4mm_kernel.cpp's
+    packing) with exact scales; every row must equal gguf-py's dequantize bit for bit, and the tied weight's
+    matmul must be the head's own (pack_groups(lookup=False)) bit for bit."""
+    ops = CpuOps()
+    k = _k(qtype)
+    blocks = random_blocks(qtype, n, k, seed=n)
+    g = decode(qtype, blocks)
+    q, scale = torch.from_numpy(g.q), torch.from_numpy(g.scale)
+    zero = None if g.zero is None else torch.from_numpy(g.zero)
+    lookup = ops.pack_groups(q, scale, zero, g.group, lookup=True)
+    assert lookup.layout in ("int4pack", "int4pack2") and not hasattr(lookup, "q")
+    ids = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    gguf_py = torch.from_numpy(dequantize(blocks, qtype)).reshape(n, k)
+    assert torch.equal(ops.group_rows(lookup, ids), gguf_py[ids])
+    assert torch.equal(ops.group_dequantize(lookup), gguf_py)  # untied, the effective weight is the rows
+    head = ops.pack_groups(q, scale, zero, g.group)
+    tied = ops.tie_groups(lookup)
+    assert tied is lookup and tied.layout == head.layout
+    x = torch.randn(3, k)
+    assert torch.equal(ops.group_matmul(x, tied), ops.group_matmul(x, head))
+    assert torch.equal(ops.group_dequantize(tied), ops.group_dequantize(head))
+
+
+@pytest.mark.parametrize("layout", [(64, True), (32, True), (32, False), (16, False)])
+def test_nibble_gather_reads_each_builds_packing(layout):
+    """The builds this machine cannot run (AVX512, the scalar build, NEON): weight_to_int4pack_kernel's loops
+    (int4mm_kernel.cpp), transcribed element by element, against the vectorised index arithmetic of group_rows."""
+    from shardserve.workers.device.cpu import _gather_nibbles
+
+    block_n, lanes = layout
+    n, k = 176, 64  # full blocks and a partial one under every BLOCK_N
+    u = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    packed = torch.zeros(n * k // 2, dtype=torch.uint8)
+    for b in range(-(-n // block_n)):
+        nb, src, dst = min(block_n, n - b * block_n), u[b * block_n :], b * k * block_n // 2
+        for kk in range(k):
+            if lanes and nb == block_n:
+                half = block_n // 2
+                for d in range(half):
+                    packed[dst + kk * half + d] = src[d + half, kk] << 4 | src[d, kk]
+            else:
+                for r in range(0, nb, 2):
+                    packed[dst + kk * nb // 2 + r // 2] = src[r + 1, kk] << 4 | src[r, kk]
+    assert torch.equal(_gather_nibbles(packed.view(n, k // 2), torch.arange(n), k, layout), u)
+
+
+def test_cpu_rows_under_the_scalar_build_are_exact():
+    """ATEN_CPU_CAPABILITY=default packs pairwise (no lanes): the probe must find that and rows stay exact."""
+    script = (
+        "import torch; from shardserve.workers.device import cpu; from shardserve.workers.device.cpu import CpuOps\n"
+        "q = torch.randint(-128, 128, (80, 64), dtype=torch.int8); s = torch.rand(80, 2)\n"
+        "w = CpuOps().pack_groups(q, s, None, 32, lookup=True); ids = torch.arange(80)\n"
+        "ref = (q.float().view(80, 2, 32) * s[..., None]).view(80, 64)\n"
+        "print(torch.backends.cpu.get_cpu_capability(), cpu._nibble_layout(), w.layout,"
+        " torch.equal(CpuOps().group_rows(w, ids), ref))"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["DEFAULT", "(32,", "False)", "int4pack2", "True"], out
 
 
 def test_cpu_layouts_by_type():
