@@ -15,13 +15,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from openai import OpenAI
 
 from tests.cluster.test_batch import _forget_head, _free_port
+from tests.cluster.test_http_server import _wait_healthy
 from tests.fixtures import gguf_quantized
 from tests.fixtures.gemma3 import gemma3_gguf
 from tests.workers.device.conftest import EMULATION_DIR
@@ -33,7 +33,6 @@ SEED_LINES = [  # ../shared/seeds: the dense and the MoE example
     "--mem-fraction-static 0.8 --tp-size 2",
 ]
 EXE = os.path.join(os.path.dirname(sys.executable), "shardserve")
-START_S = 240.0  # a TP=2 load on 2 shared cores
 
 
 def _substituted(line: str, model: str, port: int) -> list[str]:
@@ -41,19 +40,6 @@ def _substituted(line: str, model: str, port: int) -> list[str]:
     argv[argv.index("--model-path") + 1] = model
     argv[argv.index("--port") + 1] = str(port)
     return argv
-
-
-def _wait_healthy(url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + START_S
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"the server exited with {server.returncode}"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"no healthy server at {url} after {START_S:.0f}s")
 
 
 @pytest.mark.slow  # a Ray head and two TP=2 loads on the emulated NPU: about 2 minutes
@@ -77,7 +63,7 @@ def test_the_seeds_command_lines_serve_on_the_emulated_npu(tmp_path, cache_dir):
                                           stderr=subprocess.STDOUT, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"})
             try:
                 url = f"http://127.0.0.1:{port}"
-                _wait_healthy(url, server)
+                _wait_healthy(server, url, str(log))
                 client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
                 done = client.completions.create(model=client.models.list().data[0].id, prompt="The capital of France is",
                                                  max_tokens=8, temperature=0)  # neither file has a chat template

@@ -36,6 +36,7 @@ def _value(prompt):
     return prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
 
 
+@pytest.mark.slow  # 50 s (CI's 20-minute budget); the tiny llama's TP=2/4 and every format's TP=2 row stay default
 def test_smollm2_tp3_matches_tp1(ray_session, smollm2_path):
     """SmolLM2 has 9 heads / 3 KV heads: TP=3 splits them. Kept quantized (the default), the CPU kernel rounds
     each rank's partial sums to bf16 before the all-reduce, so TP=3's logits are not TP=1's to the bit: greedy
