@@ -9,7 +9,7 @@ An application builder, so that `serve run`, a Serve config file and a KubeRay R
 `args` are EngineConfig's fields (the CLI's, under their dataclass names), plus the HTTP options `api_key`,
 `max_body_bytes`, `enable_metrics_auth` and `ingress_replicas`. `shardserve serve --ray-serve` builds the same
 application from its flags. The ingress replicas share one engine: the first starts the router (named after the
-application, detached), the others attach to it, and the last to stop shuts it down, so Serve may stop any replica
+application and its engine config, detached), the others attach to it, and the last to stop shuts it down, so Serve may stop any replica
 (a scale-down, a rolling update) while the others serve; a replica whose router died fails its health check and
 Serve replaces it, starting a new engine.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 import typing
@@ -77,6 +78,14 @@ def _coerce(cls, f: dataclasses.Field, value):
         raise ValueError(f"{f.name}={value!r}: expected {kind.__name__}") from None
 
 
+def engine_name(cfg: EngineConfig, options: IngressOptions) -> str:
+    """The shared engine's actor name: the application's, and its engine config's, so that replicas of a changed
+    config (an update that starts new replicas before the old ones stop) start a new engine, never attach to the
+    old one; the old one goes when its last replica stops."""
+    key = hashlib.sha256(repr(sorted(dataclasses.asdict(cfg).items())).encode()).hexdigest()[:12]
+    return f"shardserve-router-{options.app_name}-{key}"
+
+
 def attach_or_start_router(cfg: EngineConfig, name: str, user: str, namespace: str):
     """The application's engine (its router actor), attached to where another ingress replica started it (waiting
     while it loads), else started here, detached: it outlives the replica that started it, so that Serve may stop
@@ -107,8 +116,7 @@ class OpenAIIngress:
         self.cfg, self.options = cfg, options
         # this replica's actor, as the engine counts its users (Serve's actors live in its own namespace)
         self.user = ray.get_runtime_context().get_actor_name() or uuid.uuid4().hex
-        self.router = attach_or_start_router(cfg, f"shardserve-router-{options.app_name}", self.user,
-                                             SERVE_NAMESPACE)
+        self.router = attach_or_start_router(cfg, engine_name(cfg, options), self.user, SERVE_NAMESPACE)
 
     def __serve_build_asgi_app__(self):
         o = self.options

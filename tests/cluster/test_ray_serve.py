@@ -10,7 +10,7 @@ import time
 import pytest
 import ray
 
-from shardserve.cluster.serve_app import build_app, configs_from_args
+from shardserve.cluster.serve_app import build_app, configs_from_args, engine_name
 from tests.fixtures.tiny_models import make_tiny
 
 
@@ -57,6 +57,11 @@ def test_builder_args_are_typed_and_checked():
         configs_from_args({"model_path": "/m.gguf", "tp": "2"})
     with pytest.raises(ValueError, match=r"tp_size='two': expected int"):
         configs_from_args({"model_path": "/m.gguf", "tp_size": "two"})
+    # the shared engine is named by the engine's config: a changed one starts its own; ingress options do not count
+    base = {"model_path": "/m.gguf", "app_name": "a"}
+    assert engine_name(*configs_from_args(base)) == engine_name(*configs_from_args({**base, "ingress_replicas": "3"}))
+    assert engine_name(*configs_from_args(base)) != engine_name(*configs_from_args({**base, "tp_size": "2"}))
+    assert engine_name(*configs_from_args(base)).startswith("shardserve-router-a-")
 
 
 def test_openai_client_streams_a_chat_through_ray_serve(ray_session, cache_dir):
@@ -67,6 +72,7 @@ def test_openai_client_streams_a_chat_through_ray_serve(ray_session, cache_dir):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model_path": make_tiny("llama", cache_dir), "device": "cpu", "kv_cache_memory_gb": "0.05",
             "cpu_threads_per_worker": "1", "served_model_name": "tiny", "ingress_replicas": "2", "app_name": "t"}
+    engine = engine_name(*configs_from_args(args))
     try:
         serve.run(build_app(args), name="t", route_prefix="/")
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
@@ -82,14 +88,14 @@ def test_openai_client_streams_a_chat_through_ray_serve(ray_session, cache_dir):
         again = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
                                                max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
         assert again.choices[0].message.content == text
-        info = ray.get(ray.get_actor("shardserve-router-t", namespace="shardserve").get_info.remote())
+        info = ray.get(ray.get_actor(engine, namespace="shardserve").get_info.remote())
         assert len(info["workers"]) == 1  # one engine (one TP group) behind the two ingress replicas
         # deployed from a Serve config, as a RayService does; then the replica that started the engine crashes
         # (SIGKILL-like ray.kill: no __del__) and Serve replaces it, and the config scales the ingress down to one
         # (num_replicas alone changes: Serve stops a replica and redeploys nothing): the engine serves on
         # throughout, the same actor with the same workers; only the last replica to stop shuts it down
         _deploy_config(args, replicas=2)
-        router = ray.get_actor("shardserve-router-t", namespace="shardserve")
+        router = ray.get_actor(engine, namespace="shardserve")
         info = ray.get(router.get_info.remote())
         users = ray.get(router.attached.remote())
         assert len(users) == 2
@@ -104,7 +110,7 @@ def test_openai_client_streams_a_chat_through_ray_serve(ray_session, cache_dir):
         after = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
                                                max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
         assert after.choices[0].message.content == text
-        still = ray.get_actor("shardserve-router-t", namespace="shardserve")
+        still = ray.get_actor(engine, namespace="shardserve")
         assert still._actor_id == router._actor_id
         assert ray.get(still.get_info.remote())["workers"] == info["workers"]
         assert ray.get(still.detach.remote("nobody")) == 1  # one live ingress replica uses it now
@@ -113,7 +119,7 @@ def test_openai_client_streams_a_chat_through_ray_serve(ray_session, cache_dir):
         serve.shutdown()
     _wait(lambda: _live_placement_groups() == 0, "the engine's placement groups to go")
     with pytest.raises(ValueError):  # the detached engine is gone too, the crashed replica's share included
-        ray.get_actor("shardserve-router-t", namespace="shardserve")
+        ray.get_actor(engine, namespace="shardserve")
 
 
 @pytest.mark.slow  # 30 s; the builder test above runs the same app in the default suite
