@@ -9,9 +9,9 @@ An application builder, so that `serve run`, a Serve config file and a KubeRay R
 `args` are EngineConfig's fields (the CLI's, under their dataclass names), plus the HTTP options `api_key`,
 `max_body_bytes`, `enable_metrics_auth` and `ingress_replicas`. `shardserve serve --ray-serve` builds the same
 application from its flags. The ingress replicas share one engine: the first starts the router (named after the
-application and its engine config, detached), the others attach to it, and the last to stop shuts it down, so Serve may stop any replica
-(a scale-down, a rolling update) while the others serve; a replica whose router died fails its health check and
-Serve replaces it, starting a new engine.
+application and its engine config, detached), the others attach to it, and the last to stop shuts it down, so
+Serve may stop any replica (a scale-down, a rolling update) while the others serve; a replica whose router died
+fails its health check and Serve replaces it, starting a new engine.
 """
 
 from __future__ import annotations
