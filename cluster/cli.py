@@ -1,5 +1,5 @@
-"""The `shardserve` command: serve (OpenAI HTTP), generate (one-off prompts), batch (an OpenAI batch file). Flags follow
-SGLang's launch_server."""
+"""The `shardserve` command: serve (OpenAI HTTP), generate (one-off prompts), batch (an OpenAI batch file),
+serve-config (the Ray Serve config of serve's flags). Flags follow SGLang's launch_server."""
 
 from __future__ import annotations
 
