@@ -1,5 +1,5 @@
-"""The CPU backend: plain torch ops, ATen's CPU int4 weight kernel for group-quantized weights and int8 GEMM for
-W8A8-style schemes, gloo collectives."""
+"""The CPU backend: plain torch ops, our group-quantized weight kernel (cpu_gq.py; ATen's CPU int4 kernel where no C
+compiler builds it), ATen's int8 GEMM for W8A8-style schemes, gloo collectives."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from shardserve.workers.device import cpu_gq
 from shardserve.workers.device.base import DeviceBackend, TorchOps
 from shardserve.workers.device.quant_ops import GroupWeight, _dequantize_groups, narrowest_exact
 
@@ -19,9 +20,17 @@ _KERNEL_GROUPS = (32, 64, 128, 256)
 
 
 class CpuOps(TorchOps):
-    """TorchOps, with ATen's bf16 int4 weight-only matmul for group-quantized (GGUF) weights where it fits.
+    """TorchOps, with a kernel for group-quantized (GGUF) weights: cpu_gq.py's ("gq", the default), or ATen's bf16
+    int4 weight-only matmul where `kernel="aten"` or no C compiler builds ours.
 
-    Layouts pack_groups makes (the kernel computes w = (u - 8) * s + z per group, u in 0..15):
+    "gq" (cpu_gq.py): every integer type at its own width (4, 5, 6 or 8 bits a value) with its exact scales, one
+    copy for a tied embedding and head, stacked MoE experts too; activations are held to 16 bits per 32 values (two
+    int8 planes: SmolLM2 Q4_1's logits at a mean KL of 7.5e-8 from fp32's, tests/workers/models/test_dense_vs_hf.py).
+    Memory per value:
+    Q4_0/Q4_1 0.56 bytes (0.56 and 0.63 in the file), Q5_0 0.69 (0.69), Q8_0 1.06 (1.06), Q4_K 0.75 (0.56: a
+    float32 scale and zero per 32, d * sc not being exact in float16), Q6_K 1.0 (0.82), Q2_K/Q3_K 0.75.
+
+    ATen's layouts (pack_groups with kernel "aten"; the kernel computes w = (u - 8) * s + z per group, u in 0..15):
     - "int4pack": values spanning 16 integers (Q4_0, Q4_1, Q4_K, TQ*): u = q + 8 with z = zero where q fits
       [-8, 7] (Q4_0, TQ*), else u = q - lo with z = zero + (lo + 8) * scale (Q4_1, Q4_K).
     - "int4pack2": int8 values (Q5_*, Q8_0, IQ4_*, MXFP4) as two int4 weights, q = 16 hi + lo_nibble:
@@ -31,19 +40,36 @@ class CpuOps(TorchOps):
       (Q2_K, Q3_K, Q6_K, NVFP4), N % 16 != 0, stacked MoE experts.
     An embedding (pack_groups(lookup=True)) holds the same nibbles with its exact scales (float16 where GGUF's
     fp16 d and m make that exact) instead of the kernel's bf16 ones, and group_rows reads its rows from the
-    nibbles; a tied head adds the bf16 scales (tie_groups), so a tied vocabulary is held once: the nibbles (1 byte
-    a value for int8 types, as Q8_0 embeddings are) plus both scales, 1.31 bytes a Q8_0 value against 1.06 in
-    the file (SmolLM2's 49152 x 576: 35.4 MiB; gemma3's 262144 x 640: 210 MiB).
-    The kernel rounds activations, scales and zeros to bf16 (8 significant bits; fp16 d has 11) and each output
+    nibbles; a tied head adds the bf16 scales (tie_groups), so a tied vocabulary is held once.
+    ATen's kernel rounds activations, scales and zeros to bf16 (8 significant bits; fp16 d has 11) and each output
     to bf16, accumulating in fp32: on SmolLM2 Q4_1 that moves fp32 logits by a mean KL of ~3e-4 against the
     dequantized weights, within the HF-vs-llama.cpp noise floor (tests/workers/quant/test_gguf_groups.py).
     """
 
+    def __init__(self, kernel: str = "auto"):
+        if kernel not in ("auto", "gq", "aten"):
+            raise ValueError(f"kernel must be auto, gq or aten, not {kernel!r}")
+        self.kernel = kernel
+
+    @property
+    def gq(self) -> bool:
+        """Whether pack_groups takes our kernel (built on first use): "auto" where it builds with its AVX2 path (its
+        portable C is for correctness, slower than ATen's vectorised kernel), "gq" wherever it builds."""
+        if self.kernel == "aten":
+            return False
+        lib = cpu_gq.library()
+        if lib is None and self.kernel == "gq":
+            raise RuntimeError(f"the gq kernel did not build ({cpu_gq.SOURCE}): see the log for the compiler's errors")
+        return lib is not None and (self.kernel == "gq" or lib.gq_simd() > 0)
+
     def pack_groups(
         self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int, lookup: bool = False
     ) -> GroupWeight:
-        """The kernel's layout where it fits. A lookup weight holds the kernel's nibbles with the exact scales
-        (`row_scale`, `row_zero`) that group_rows reads, not the kernel's bf16 ones: tie_groups adds those."""
+        """Our kernel's layout where it fits, else ATen's. An ATen lookup weight holds the kernel's nibbles with the
+        exact scales (`row_scale`, `row_zero`) that group_rows reads, not the kernel's bf16 ones: tie_groups adds
+        those."""
+        if self.gq and cpu_gq.fits(q, group):
+            return cpu_gq.pack(q, scale, zero, group)
         N, K = q.shape[-2:]
         fits = q.dim() == 2 and _HAS_INT4_KERNEL and group in _KERNEL_GROUPS and not N % 16 and not K % group
         if not fits or (lookup and _nibble_layout() is None):
@@ -67,7 +93,9 @@ class CpuOps(TorchOps):
 
     def tie_groups(self, w: GroupWeight) -> GroupWeight:
         """A kernel-layout lookup weight gains the kernel's bf16 scales, computed from its exact ones as pack_groups
-        computes them: one copy of the values serves the embedding and the tied head."""
+        computes them: one copy of the values serves the embedding and the tied head ("gq" as it is)."""
+        if w.layout == "gq":
+            return w
         if w.layout in _KERNEL_LAYOUTS:
             if not _multipliable(w):
                 _hold_kernel_scales(w, w.row_scale, w.row_zero)
@@ -82,15 +110,24 @@ class CpuOps(TorchOps):
         return super()._int_sums(x_q, w)
 
     def group_matmul(self, x: torch.Tensor, w: GroupWeight) -> torch.Tensor:
+        if w.layout == "gq":
+            return cpu_gq.matmul(x, w).to(x.dtype)
         if w.layout == "int4pack":
             return _kernel(x, w.packed, w.group, w.sz).to(x.dtype)
         if w.layout == "int4pack2":
             return (_kernel(x, w.hi, w.group, w.sz_hi).float() + _kernel(x, w.lo4, w.group, w.sz_lo).float()).to(x.dtype)
         return super().group_matmul(x, w)
 
+    def grouped_group_matmul(self, x: torch.Tensor, w: GroupWeight, group_counts: torch.Tensor) -> torch.Tensor:
+        if w.layout == "gq":
+            return cpu_gq.grouped_matmul(x, w, group_counts).to(x.dtype)
+        return super().grouped_group_matmul(x, w, group_counts)
+
     def group_dequantize(self, w: GroupWeight) -> torch.Tensor:
         """What the kernel multiplies by (the bf16 scales and zeros applied to the exact values); a lookup weight
         not tied to a head: its exact rows."""
+        if w.layout == "gq":
+            return cpu_gq.dequantize(w)
         if w.layout in _KERNEL_LAYOUTS and not _multipliable(w):
             return self.group_rows(w, torch.arange(w.shape[0], device=w.row_scale.device))
         if w.layout == "int4pack":
@@ -102,6 +139,8 @@ class CpuOps(TorchOps):
 
     def group_rows(self, w: GroupWeight, ids: torch.Tensor) -> torch.Tensor:
         """Rows read from the kernel's nibbles (no unpacked copy) with the exact scales: gguf-py's values."""
+        if w.layout == "gq":
+            return cpu_gq.rows(w, ids)
         if w.layout not in _KERNEL_LAYOUTS:
             return super().group_rows(w, ids)
         where = _nibble_where(*w.shape, ids, _nibble_layout())

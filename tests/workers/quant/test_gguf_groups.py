@@ -2,8 +2,10 @@
 the decoded values, group_matmul vs a float matmul of what the layout holds, and real SmolLM2 layers under TP.
 
 Tolerances, per element (u = 2^-8, bf16's unit roundoff):
-- decode and the reference layout ("groups", TorchOps: CUDA's and the fallback everywhere): exact, bit for bit.
-- CPU kernel layouts (ATen int4, bf16 scales and zeros): |dw| <= u ((|q| + 32) |scale| + |zero|), the rounding of
+- decode, the reference layout ("groups", TorchOps: CUDA's and the fallback everywhere) and the CPU's "gq" layout
+  (cpu_gq.py, our kernel): exact, bit for bit. gq's matmul holds x per 32 values along K as d (xq + xr / 256)
+  with two int8 planes (d = amax / 127): |dy| <= sum_k |w_k| d_k / 511, plus float32 rounding.
+- CPU ATen layouts (ATen int4, bf16 scales and zeros): |dw| <= u ((|q| + 32) |scale| + |zero|), the rounding of
   scale, 16 scale and zero + (lo + 8) scale to bf16 (cpu.CpuOps docstring); its matmul additionally rounds x and
   the output to bf16: |dy| <= 2u (|x| @ |w|.T) + u |y|.
 Random blocks are random bytes with the fp16 (or E8M0) scale fields set to finite values: every bit pattern of
@@ -13,6 +15,7 @@ the integer fields is a valid block, so this covers all values the types can hol
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -34,7 +37,7 @@ from shardserve.workers.quant.gguf import GGUF
 from shardserve.workers.quant.gguf_groups import decodable, decode
 
 U = 2.0**-8
-TABLES = {"reference": TorchOps(), "cpu": CpuOps()}
+TABLES = {"reference": TorchOps(), "cpu": CpuOps(kernel="gq"), "cpu-aten": CpuOps(kernel="aten")}
 # byte offsets of each type's fp16 scale fields in its block (ggml-common.h)
 FP16_FIELDS = {
     T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.Q2_K: [80, 82], T.Q3_K: [108],
@@ -103,6 +106,20 @@ def _pieces(qtype: T, n: int, k: int, seed: int = 0):
     return torch.from_numpy(g.q), torch.from_numpy(g.scale), zero, g.group, torch.from_numpy(g.dequantize())
 
 
+EXACT_LAYOUTS = ("groups", "gq")
+
+
+def _matmul_bound(x: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor, layout: str) -> torch.Tensor:
+    """|y - x @ w.T| allowed for a layout's group_matmul (the module docstring's tolerances)."""
+    fp32 = 1e-5 * F.linear(x.abs(), w.abs()) + 1e-6
+    if layout == "groups":
+        return fp32
+    if layout == "gq":  # x held as d (xq + xr / 256) per 32, d = amax / 127: |dx_k| <= d / 512 (+ xr's clamp at 127)
+        d = x.abs().view(x.shape[0], -1, 32).amax(-1).repeat_interleave(32, -1) / (127 * 511)
+        return F.linear(d, w.abs()) * (1 + 1e-3) + fp32
+    return 2 * U * F.linear(x.abs(), w.abs()) + U * y_ref.abs() + 1e-6
+
+
 def _cpu_bound(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> torch.Tensor:
     s = scale.abs().repeat_interleave(group, -1)
     z = 0 if zero is None else zero.abs().repeat_interleave(group, -1)
@@ -116,10 +133,10 @@ def test_layout_holds_the_checkpoint_values(table, qtype):
     q, scale, zero, group, w = _pieces(qtype, 64, _k(qtype))
     packed = ops.pack_groups(q, scale, zero, group)
     held = ops.group_dequantize(packed)
-    if packed.layout == "groups":
+    if packed.layout in EXACT_LAYOUTS:
         assert torch.equal(held, w)
     else:
-        assert table == "cpu" and packed.layout in ("int4pack", "int4pack2")
+        assert table == "cpu-aten" and packed.layout in ("int4pack", "int4pack2")
         assert ((held - w).abs() <= _cpu_bound(q, scale, zero, group)).all()
     lookup = ops.pack_groups(q, scale, zero, group, lookup=True)
     ids = torch.tensor([5, 0, 63, 5])
@@ -129,20 +146,26 @@ def test_layout_holds_the_checkpoint_values(table, qtype):
 
 # K-quants, 5/8-bit and 4-bit types; rows: one block of 16, full blocks of 32/64 with a partial one (48 = 32 + 16,
 # 80 = 64 + 16), 1040 (one conversion, a partial tail) and 2048 (converted 1024 rows at a time)
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_K, T.Q8_0, T.TQ2_0], ids=lambda t: t.name)
+# gq takes every type; ATen's nibbles not groups of 16 (Q6_K: the reference layout, test_cpu_aten_layouts_by_type)
+ROW_CASES = [("cpu", t) for t in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_K, T.Q6_K, T.Q8_0, T.TQ2_0)] + [
+    ("cpu-aten", t) for t in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_K, T.Q8_0, T.TQ2_0)
+]
+
+
+@pytest.mark.parametrize(("table", "qtype"), ROW_CASES, ids=lambda c: getattr(c, "name", c))
 @pytest.mark.parametrize("n", [16, 48, 80, 1040, 2048])
-def test_cpu_rows_read_from_the_kernel_layout_are_gguf_py_values(qtype, n):
-    """One copy for a tied embedding and head: group_rows reads the ATen int4 nibbles (int4mm_kernel.cpp's
-    packing) with exact scales; every row must equal gguf-py's dequantize bit for bit, and the tied weight's
-    matmul must be the head's own (pack_groups(lookup=False)) bit for bit."""
-    ops = CpuOps()
+def test_cpu_rows_read_from_the_kernel_layout_are_gguf_py_values(table, qtype, n):
+    """One copy for a tied embedding and head: group_rows reads the kernel's layout (gq, or the ATen int4 nibbles of
+    int4mm_kernel.cpp's packing) with exact scales; every row must equal gguf-py's dequantize bit for bit, and the
+    tied weight's matmul must be the head's own (pack_groups(lookup=False)) bit for bit."""
+    ops = TABLES[table]
     k = _k(qtype)
     blocks = random_blocks(qtype, n, k, seed=n)
     g = decode(qtype, blocks)
     q, scale = torch.from_numpy(g.q), torch.from_numpy(g.scale)
     zero = None if g.zero is None else torch.from_numpy(g.zero)
     lookup = ops.pack_groups(q, scale, zero, g.group, lookup=True)
-    assert lookup.layout in ("int4pack", "int4pack2") and not hasattr(lookup, "q")
+    assert lookup.layout in (("gq",) if table == "cpu" else ("int4pack", "int4pack2")) and not hasattr(lookup, "q")
     ids = torch.randperm(n, generator=torch.Generator().manual_seed(n))
     gguf_py = torch.from_numpy(dequantize(blocks, qtype)).reshape(n, k)
     assert torch.equal(ops.group_rows(lookup, ids), gguf_py[ids])
@@ -183,19 +206,35 @@ def test_cpu_rows_under_the_scalar_build_are_exact():
     script = (
         "import torch; from shardserve.workers.device import cpu; from shardserve.workers.device.cpu import CpuOps\n"
         "q = torch.randint(-128, 128, (80, 64), dtype=torch.int8); s = torch.rand(80, 2)\n"
-        "w = CpuOps().pack_groups(q, s, None, 32, lookup=True); ids = torch.arange(80)\n"
+        "w = CpuOps(kernel='aten').pack_groups(q, s, None, 32, lookup=True); ids = torch.arange(80)\n"
         "ref = (q.float().view(80, 2, 32) * s[..., None]).view(80, 64)\n"
         "print(torch.backends.cpu.get_cpu_capability(), cpu._nibble_layout(), w.layout,"
-        " torch.equal(CpuOps().group_rows(w, ids), ref))"
+        " torch.equal(CpuOps(kernel='aten').group_rows(w, ids), ref))"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["DEFAULT", "(32,", "False)", "int4pack2", "True"], out
 
 
-def test_cpu_layouts_by_type():
-    """int4 values (Q4_*, TQ*) one kernel call; int8 values two; groups of 16 the reference."""
+def test_cpu_gq_holds_each_type_at_its_width():
+    """gq: every integer type, at 4, 5, 6 or 8 bits a value (its span of integers), scales float16 where exact."""
     ops = TABLES["cpu"]
+    packed = {t.name: ops.pack_groups(*_pieces(t, 64, _k(t))[:4]) for t in TABLE_TYPES}
+    assert {p.layout for p in packed.values()} == {"gq"}
+    bits = {name: p.bits for name, p in packed.items()}
+    assert bits == {
+        "Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q2_K": 4, "Q3_K": 4, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6,
+        "IQ4_NL": 8, "IQ4_XS": 8, "TQ1_0": 4, "TQ2_0": 4, "MXFP4": 5, "NVFP4": 5,
+    }
+    assert packed["Q4_0"].scale.dtype == packed["Q5_0"].scale.dtype == packed["Q8_0"].scale.dtype == torch.float16
+    q5 = packed["Q5_0"]  # 5 bits: nibbles and one bit plane, 0.69 bytes a value (the file's 22 bytes per 32)
+    held = sum(t.numel() * t.element_size() for t in q5.buffers())
+    assert held == 64 * _k(T.Q5_0) * 22 // 32
+
+
+def test_cpu_aten_layouts_by_type():
+    """int4 values (Q4_*, TQ*) one kernel call; int8 values two; groups of 16 the reference."""
+    ops = TABLES["cpu-aten"]
     layouts = {t.name: ops.pack_groups(*_pieces(t, 64, _k(t))[:4]).layout for t in TABLE_TYPES}
     assert layouts["Q4_0"] == layouts["Q4_1"] == layouts["Q4_K"] == layouts["TQ2_0"] == "int4pack"
     assert layouts["Q8_0"] == layouts["Q5_K"] == layouts["IQ4_XS"] == layouts["MXFP4"] == "int4pack2"
@@ -214,15 +253,12 @@ def test_group_matmul_matches_a_matmul_of_the_held_weight(table, qtype, rows):
     y_ref = F.linear(x, w)
     y = ops.group_matmul(x, packed)
     assert y.shape == (rows, 96) and y.dtype == x.dtype
-    if packed.layout == "groups":
-        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-    else:
-        bound = 2 * U * F.linear(x.abs(), w.abs()) + U * y_ref.abs() + 1e-6
-        assert ((y - y_ref).abs() <= bound).all()
+    assert ((y - y_ref).abs() <= _matmul_bound(x, w, y_ref, packed.layout)).all()
 
 
-def test_stacked_experts_grouped_matmul_matches_per_expert():
-    ops = TorchOps()
+@pytest.mark.parametrize("table", ["reference", "cpu"])
+def test_stacked_experts_grouped_matmul_matches_per_expert(table):
+    ops = TABLES[table]
     E, N, K = 3, 32, 256
     g = decode(T.Q4_K, random_blocks(T.Q4_K, E * N, K).reshape(E, N, -1))
     assert g.q.shape == (E, N, K) and g.scale.shape == (E, N, K // 32)
@@ -231,8 +267,10 @@ def test_stacked_experts_grouped_matmul_matches_per_expert():
     x = torch.randn(5, K)
     y = ops.grouped_group_matmul(x, w, counts)
     full = torch.from_numpy(g.dequantize())  # [E, N, K]
+    assert torch.equal(ops.group_dequantize(w), full)
     ref = torch.cat([x[:2] @ full[0].T, x[2:] @ full[2].T])
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    bound = torch.cat([_matmul_bound(x[:2], full[0], ref[:2], w.layout), _matmul_bound(x[2:], full[2], ref[2:], w.layout)])
+    assert ((y - ref).abs() <= bound).all()
 
 
 # ---- real SmolLM2 layers under TP ----------------------------------------------------------------------
@@ -277,14 +315,14 @@ def test_smollm2_layer0_tp3_slices(smollm2_path, rank, table):
         w = layer.method.reference_weight(layer)
         expected = _expected(source, layer)
         assert w.shape == expected.shape == (layer.spec.local_out, layer.spec.local_in), name
-        if layer.qweight.layout == "groups":
+        if layer.qweight.layout in EXACT_LAYOUTS:
             assert torch.equal(w, expected), name
         else:  # Q4_1: |dw| <= u (8 |d| + |m + 8 d|) <= u (|w| + 16 |d|); bound via the largest d of the layer
             assert (w - expected).abs().max() <= U * (expected.abs().max() + 32 * expected.abs().max()), name
         x = torch.randn(4, layer.spec.local_in)
         y_ref = x @ w.T
         y = layer.method.apply(layer, x, True)
-        assert ((y - y_ref).abs() <= 2 * U * (x.abs() @ w.abs().T) + U * y_ref.abs() + 1e-6).all(), name
+        assert ((y - y_ref).abs() <= _matmul_bound(x, w, y_ref, layer.qweight.layout)).all(), name
 
 
 def test_gguf_dequantize_keeps_float_weights(smollm2_path):
@@ -337,7 +375,7 @@ def test_fused_layers_of_mixed_types_share_the_finer_group(tmp_path, table, rank
         assert layer.grouped, name
         assert layer.qweight.group == (16 if name in ("qkv", "down") else 32), name
         w, expected = layer.method.reference_weight(layer), _expected(source, layer)
-        if layer.qweight.layout == "groups":
+        if layer.qweight.layout in EXACT_LAYOUTS:
             assert torch.equal(w, expected), name
         else:
             assert (w - expected).abs().max() <= 40 * U * expected.abs().max(), name
@@ -365,3 +403,40 @@ def test_a_corrupt_scale_fails_at_load_naming_file_and_tensor(tmp_path):
     layer = _model_layers(GGUFSource(path), 0, 1, TorchOps())["down"]
     with pytest.raises(CheckpointError, match=r"bad\.gguf.*ffn_down|down_proj.*Q6_K"):
         layer.load(GGUFSource(path))
+
+
+# ---- the CPU's gq kernel: its portable build ------------------------------------------------------------
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the portable build is made by turning AVX2 off (x86)")
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K, T.Q5_0, T.Q6_K, T.Q8_0, T.TQ2_0], ids=lambda t: t.name)
+def test_gq_portable_build_matches_the_simd_build(qtype):
+    """gq.c's portable C (what a CPU without AVX2, an Arm host, runs) against its AVX2 build on the same weight:
+    the same integer sums in another order, so within float32 rounding (1e-5 of |x| @ |w|.T)."""
+    from shardserve.workers.device import cpu_gq
+
+    simd = cpu_gq.library()
+    portable = cpu_gq.library((*cpu_gq.FLAGS, "-mno-avx2", "-mno-fma"))
+    assert simd.gq_simd() == 256 and portable.gq_simd() == 0
+    q, scale, zero, group, w = _pieces(qtype, 80, _k(qtype), seed=3)
+    packed = cpu_gq.pack(q, scale, zero, group)
+    x = torch.randn(6, _k(qtype))
+    out = {}
+    for name, lib in (("simd", simd), ("portable", portable)):
+        y = torch.empty(6, 80)
+        lib.gq_matmul(x.data_ptr(), 6, y.data_ptr(), cpu_gq._struct(packed), 2)
+        out[name] = y
+    assert ((out["simd"] - out["portable"]).abs() <= 1e-5 * F.linear(x.abs(), w.abs()) + 1e-6).all()
+    assert ((out["simd"] - F.linear(x, w)).abs() <= _matmul_bound(x, w, F.linear(x, w), "gq")).all()
+
+
+def test_without_a_c_compiler_the_cpu_keeps_atens_kernel():
+    """No compiler (CC names none): the default table packs for ATen's int4 kernel, and says why in the log."""
+    script = (
+        "import logging, torch; logging.basicConfig(level=logging.WARNING)\n"
+        "from shardserve.workers.device.cpu import CpuOps\n"
+        "q = torch.randint(-8, 8, (64, 64), dtype=torch.int8); s = torch.rand(64, 2)\n"
+        "print(CpuOps().pack_groups(q, s, None, 32).layout)"
+    )
+    env = {**os.environ, "CC": "/nonexistent/cc"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["int4pack"], done.stdout
+    assert "no C compiler" in done.stderr

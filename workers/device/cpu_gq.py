@@ -1,0 +1,200 @@
+"""The CPU's group-quantized weight kernel (kernels/gq.c): built for this machine on first use, packed, called.
+
+ATen's CPU int4 kernel (cpu.py's fallback) takes 4-bit values with bf16 scales only and rounds activations and
+outputs to bf16. gq.c takes 4-, 5-, 6- and 8-bit values with their exact scales (float16 where GGUF's are, else
+float32), so a Q5_0 or Q6_K layer is held at its own width, one copy serves a tied embedding and head, and stacked
+MoE experts multiply in place. It sums integer products (AVX2's maddubs, as llama.cpp does) over activations held
+as two int8 planes per 32 values, 16 bits of each chunk's largest value: a product differs from a float32 matmul of
+gguf-py's values by about 1e-5 of |x| @ |w|.T (gq.c's header). At batch 1 it runs at about ATen's speed here.
+
+The C source is compiled by the system's C compiler (`cc`, with -march=native and OpenMP) into
+~/.cache/shardserve/kernels, keyed by the source, the flags, the compiler and this CPU's flags, so a cluster
+sharing a home directory never loads a build made for another CPU. Where no compiler works, `library()` is None
+and the CPU table keeps ATen's kernel (cpu.py), saying so once in the log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from shardserve.workers.device.quant_ops import GroupWeight, narrowest_exact
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "gq.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
+_SCALE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class _Weight(ctypes.Structure):
+    """gq.c's gq_weight."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("nib", "hb", "q8", "scale", "zero")] + [
+        ("N", ctypes.c_int64), ("K", ctypes.c_int64)
+    ] + [(name, ctypes.c_int) for name in ("bits", "group", "lo", "sdtype")]
+
+
+_P, _I64, _INT, _W = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(_Weight)
+_SIGNATURES = {
+    "gq_matmul": [_P, _I64, _P, _W, _INT],
+    "gq_grouped_matmul": [_P, _I64, _P, _P, _I64, _W, _INT],
+    "gq_rows": [_P, _I64, _P, _W, _INT],
+    "gq_simd": [],
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shardserve" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), platform.machine())
+
+
+@functools.cache
+def library(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
+    """The built kernel library (compiled once per source, flags, compiler and CPU), or None where no C compiler
+    builds it."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        log.warning("no C compiler (cc) found: the CPU keeps ATen's int4 kernel for quantized weights")
+        return None
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), *flags, version, _cpu_flags())).encode()).hexdigest()[:16]
+    target = cache_dir() / f"gq-{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, flags, target)
+    except (OSError, subprocess.CalledProcessError) as e:
+        stderr = getattr(e, "stderr", "") or ""
+        log.warning("building %s into %s failed (%s): the CPU keeps ATen's int4 kernel\n%s", SOURCE, target, e, stderr)
+        return None
+    lib = ctypes.CDLL(str(target))
+    for name, args in _SIGNATURES.items():
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = ctypes.c_int if name == "gq_simd" else None
+    return lib
+
+
+def _build(compiler: str, flags: tuple[str, ...], target: Path) -> None:
+    """Compile to a temporary name beside the target, then rename: ranks of one machine build at once."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([compiler, *flags, "-o", str(out), str(SOURCE), "-lm"], capture_output=True, text=True, check=True)
+        os.replace(out, target)
+
+
+def width(lo: int, hi: int) -> int:
+    """Bits held per value for integers spanning lo..hi: 4, 5 or 6 (as u = q - lo), else 8 (q itself, int8)."""
+    span = hi - lo
+    return next((b for b in (4, 5, 6) if span < 1 << b), 8)
+
+
+def fits(q: torch.Tensor, group: int) -> bool:
+    K = q.shape[-1]
+    return K % 32 == 0 and (group == 16 or group % 32 == 0) and K % group == 0
+
+
+_PACK_ROWS = 4096  # rows packed at a time, so that the temporaries stay a chunk's size (a vocabulary is large)
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> GroupWeight:
+    """q int8 [..., N, K], scale/zero float32 [..., N, K/group] -> the "gq" layout (gq.c's header)."""
+    shape, K = tuple(q.shape), q.shape[-1]
+    lo, hi = int(q.min()), int(q.max())
+    bits = width(lo, hi)
+    tensors = {"scale": narrowest_exact(scale).contiguous()}
+    if zero is not None:
+        tensors["zero"] = narrowest_exact(zero).to(tensors["scale"].dtype).contiguous()
+        tensors["scale"] = tensors["scale"].to(tensors["zero"].dtype)  # one dtype for both (the kernel's sdtype)
+    if bits == 8:
+        return GroupWeight("gq", shape, group, bits=8, q8=q.to(torch.int8).contiguous(), **tensors)
+    rows = q.reshape(-1, K)
+    nib = torch.empty(rows.shape[0], K // 2, dtype=torch.uint8)
+    hb = torch.empty(rows.shape[0], K // 8 * (bits - 4), dtype=torch.uint8)
+    for start in range(0, rows.shape[0], _PACK_ROWS):
+        part = slice(start, start + _PACK_ROWS)
+        nib[part], hb[part] = _pack_rows(rows[part], lo, bits)
+    tensors["nib"] = nib.view(*shape[:-1], K // 2)
+    if bits > 4:
+        tensors["hb"] = hb.view(*shape[:-1], -1)
+    return GroupWeight("gq", shape, group, bits=bits, lo=lo, **tensors)
+
+
+_BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+
+
+def _pack_rows(q: torch.Tensor, lo: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, K] int8 -> nib [R, K/2] and hb [R, K/8 * (bits - 4)] (gq.c's header), u = q - lo."""
+    R, K = q.shape
+    u = (q.to(torch.int16) - lo).to(torch.uint8).view(R, K // 32, 2, 16)
+    nib = ((u[..., 0, :] & 15) | ((u[..., 1, :] & 15) << 4)).view(R, K // 2)
+    planes = [((u >> (4 + p)) & 1).view(R, K // 32, 4, 8) for p in range(bits - 4)]  # bit j of word: value j
+    words = [(plane * _BIT_WEIGHTS).sum(-1, dtype=torch.uint8) for plane in planes]  # [R, K/32, 4] bytes each
+    hb = torch.stack(words, dim=-2).view(R, -1) if words else torch.empty(R, 0, dtype=torch.uint8)  # [R, K/32, P, 4]
+    return nib, hb
+
+
+def _struct(w: GroupWeight) -> ctypes.Structure:
+    """w's gq_weight, made once, and again only when its buffers were replaced (a `.to()`)."""
+    held = w.__dict__.get("_gq_struct")
+    if held is not None and held[1] is w._buffers["scale"]:
+        return held[0]
+    ptr = lambda name: None if getattr(w, name, None) is None else getattr(w, name).data_ptr()  # noqa: E731
+    N, K = w.shape[-2:]
+    struct = _Weight(ptr("nib"), ptr("hb"), ptr("q8"), ptr("scale"), ptr("zero"), N, K, w.bits, w.group, w.lo,
+                     _SCALE_DTYPES[w.scale.dtype])
+    w.__dict__["_gq_struct"] = (struct, w._buffers["scale"])  # plain state beside the module's buffers
+    return struct
+
+
+def matmul(x: torch.Tensor, w: GroupWeight) -> torch.Tensor:
+    """y [M, N] float32 = x [M, K] @ W^T."""
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], w.shape[-2], dtype=torch.float32)
+    library().gq_matmul(x.data_ptr(), x.shape[0], y.data_ptr(), _struct(w), torch.get_num_threads())
+    return y
+
+
+def grouped_matmul(x: torch.Tensor, w: GroupWeight, group_counts: torch.Tensor) -> torch.Tensor:
+    """Rows of expert e of x [M, K] (sorted by expert) times expert e of w [E, N, K] -> float32 [M, N] (rows past
+    the groups zero)."""
+    x = x.float().contiguous()
+    counts = group_counts.to(torch.int64).contiguous()
+    y = torch.zeros(x.shape[0], w.shape[-2], dtype=torch.float32)
+    lib, ref = library(), _struct(w)
+    lib.gq_grouped_matmul(x.data_ptr(), x.shape[0], y.data_ptr(), counts.data_ptr(), counts.numel(), ref, torch.get_num_threads())
+    return y
+
+
+def rows(w: GroupWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ids [T] of w [N, K] -> float32 [T, K], gguf-py's values bit for bit."""
+    ids = ids.to(torch.int64).contiguous()
+    out = torch.empty(ids.numel(), w.shape[-1], dtype=torch.float32)
+    library().gq_rows(ids.data_ptr(), ids.numel(), out.data_ptr(), _struct(w), torch.get_num_threads())
+    return out
+
+
+def dequantize(w: GroupWeight) -> torch.Tensor:
+    """The effective weight float32 [..., N, K]: stacked experts row by row as one [E * N, K] matrix."""
+    flat = GroupWeight("gq", (math.prod(w.shape[:-1]), w.shape[-1]), w.group, w.bits, w.lo)
+    for name, t in w.named_buffers():
+        flat.register_buffer(name, t, persistent=False)
+    return rows(flat, torch.arange(flat.shape[0])).view(*w.shape)

@@ -1,0 +1,357 @@
+/* Group-quantized weight x float32 activation products for the CPU op table (cpu_gq.py builds and loads it).
+
+A weight [N, K] holds unsigned integers u (bits 4, 5, 6 or 8 wide) with a scale s and an optional zero z per
+group of `group` values along K (16, or a multiple of 32); the effective weight is (u + lo) * s + z, exactly the
+checkpoint's (GGUF: gguf_groups.py's q * scale + zero with q = u + lo). Storage per row, by chunks of 32 along K:
+  nib  [N, K/2]  uint8: byte j of chunk c holds u[32c + j] & 15 (low nibble) and u[32c + 16 + j] & 15 (high),
+                 the order of GGUF's Q4_0/Q4_1/Q5_0 blocks;
+  hb   [N, K/8 * (bits - 4)] uint8, bits 5 and 6: per chunk, one little-endian 32-bit word per bit plane
+                 (bit j = bit 4 (plane 0) or 5 (plane 1) of u[32c + j]);
+  q8   [N, K] int8, bits 8: the values themselves (lo is then 0 and u signed);
+  scale, zero [N, K/group] float32, float16 or bfloat16 (sdtype 0, 1, 2).
+The product holds each activation row per 32 values along K as two int8 planes, x ~ d (xq + xr / 256)
+(quantize_x), sums integer products exactly, and scales them:
+  y[m, n] = sum_c d_c / 256 * sum_{g in c} s_g * dot_g(u_n, 256 xq_m + xr_m) + sum_g (lo s_g + z_g) * xs_g
+(c: chunks of 32, g: the weight's groups, xs_g the group's sum of x as held). Against x @ W^T on the dequantized
+weight it differs by the rounding of x to 16 bits of its chunk's largest value, and float32 rounding.
+Rows (gq_rows) are dequantized as gguf-py does, (float)(u + lo) * s then + z, with no contraction
+(-ffp-contract=off): bit for bit its values.
+*/
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    const uint8_t *nib, *hb;
+    const int8_t *q8;
+    const void *scale, *zero;
+    int64_t N, K;
+    int bits, group, lo, sdtype;
+} gq_weight;
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            do {
+                e++;
+                man <<= 1;
+            } while (!(man & 1024));
+            bits = sign | (uint32_t)(127 - 15 - e) << 23 | (man & 1023) << 13;
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | man << 13;
+    } else {
+        bits = sign | (exp + 127 - 15) << 23 | man << 13;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float load_scale(const void *p, int sdtype, int64_t i) {
+    if (sdtype == 0) return ((const float *)p)[i];
+#ifdef __F16C__
+    if (sdtype == 1) return _cvtsh_ss(((const uint16_t *)p)[i]);
+#else
+    if (sdtype == 1) return half_to_float(((const uint16_t *)p)[i]);
+#endif
+    uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* u[0..31] of chunk c of row n, as int32 */
+static inline void chunk_values(const gq_weight *w, int64_t n, int64_t c, int32_t *u) {
+    if (w->bits == 8) {
+        const int8_t *q = w->q8 + n * w->K + 32 * c;
+        for (int j = 0; j < 32; j++) u[j] = q[j];
+        return;
+    }
+    const uint8_t *b = w->nib + n * (w->K / 2) + 16 * c;
+    for (int j = 0; j < 16; j++) {
+        u[j] = b[j] & 15;
+        u[j + 16] = b[j] >> 4;
+    }
+    int planes = w->bits - 4;
+    const uint8_t *h = w->hb + n * (w->K / 8) * planes + 4 * planes * c;
+    for (int p = 0; p < planes; p++) {
+        uint32_t word;
+        memcpy(&word, h + 4 * p, 4);
+        for (int j = 0; j < 32; j++) u[j] |= (int32_t)((word >> j) & 1) << (4 + p);
+    }
+}
+
+/* Activations x [M, K] as the product reads them: two int8 planes per chunk of 32 along K, x ~ d (xq + xr / 256)
+   with d = amax / 127, xq = round(x / d), xr = round(256 (x / d - xq)): 16 bits of x relative to its chunk's
+   largest value (one int8 plane, as llama.cpp's Q8_0, moved SmolLM2's logits 3.5x further from fp32 than bf16
+   activations do: tests/workers/models/test_dense_vs_hf.py). d [M, K/32]; xs [M, K/group] = the group's sum of x
+   as the planes hold it (the zero and lo terms' factor) */
+typedef struct {
+    int8_t *xq, *xr;
+    float *d, *xs;
+} quantized_x;
+
+static void quantize_x(const float *x, int64_t M, int64_t K, int group, quantized_x *qx) {
+    int64_t chunks = K / 32, G = K / group;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t c = 0; c < chunks; c++) {
+            const float *xc = x + m * K + 32 * c;
+            float amax = 0;
+            for (int j = 0; j < 32; j++) amax = fabsf(xc[j]) > amax ? fabsf(xc[j]) : amax;
+            float d = amax / 127.0f, id = amax > 0 ? 127.0f / amax : 0.0f;
+            qx->d[m * chunks + c] = d;
+            for (int j = 0; j < 32; j++) {
+                float v = xc[j] * id, q = nearbyintf(v), r = nearbyintf((v - q) * 256.0f);
+                qx->xq[m * K + 32 * c + j] = (int8_t)q;
+                qx->xr[m * K + 32 * c + j] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+            }
+        }
+        for (int64_t g = 0; g < G; g++) { /* over the group's chunks (a group of 16: half of one) */
+            float xs = 0;
+            for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 16) {
+                int32_t sum = 0;
+                for (int j = 0; j < 16; j++) sum += 256 * qx->xq[m * K + k0 + j] + qx->xr[m * K + k0 + j];
+                xs += qx->d[m * chunks + k0 / 32] / 256.0f * (float)sum;
+            }
+            qx->xs[m * G + g] = xs;
+        }
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* 8 scales from i on, as float32 */
+static inline __m256 load_scales8(const void *p, int sdtype, int64_t i) {
+    if (sdtype == 0) return _mm256_loadu_ps((const float *)p + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    if (sdtype == 1) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+/* the zero and lo terms of row n for activation rows m0..m0+mt: sum_g (lo s_g + z_g) xs[m, g] */
+static inline void zero_terms(const gq_weight *w, int64_t n, const float *xs, int64_t m0, int mt, float *out) {
+    const int64_t G = w->K / w->group, row = n * G;
+    if (w->lo == 0 && !w->zero) return;
+    int64_t g = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (G >= 8) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        const __m256 lo = _mm256_set1_ps((float)w->lo);
+        for (; g + 8 <= G; g += 8) {
+            __m256 c = _mm256_mul_ps(lo, load_scales8(w->scale, w->sdtype, row + g));
+            if (w->zero) c = _mm256_add_ps(c, load_scales8(w->zero, w->sdtype, row + g));
+            for (int i = 0; i < mt && i < 4; i++)
+                acc[i] = _mm256_fmadd_ps(c, _mm256_loadu_ps(xs + (m0 + i) * G + g), acc[i]);
+        }
+        for (int i = 0; i < mt && i < 4; i++) {
+            float lanes[8];
+            _mm256_storeu_ps(lanes, acc[i]);
+            for (int j = 0; j < 8; j++) out[i] += lanes[j];
+        }
+    }
+#endif
+    for (; g < G; g++) {
+        float c = (float)w->lo * load_scale(w->scale, w->sdtype, row + g);
+        if (w->zero) c += load_scale(w->zero, w->sdtype, row + g);
+        for (int i = 0; i < mt; i++) out[i] += c * xs[(m0 + i) * G + g];
+    }
+}
+
+#define MT 4 /* activation rows per pass over a weight row */
+
+/* the integer part of y[m0..m0+mt, n] for one weight row n, portable C */
+__attribute__((unused)) static void row_generic(const gq_weight *w, int64_t n, const quantized_x *qx, int64_t m0,
+                                                int mt, float *acc) {
+    int64_t K = w->K, G = K / w->group, chunks = K / 32;
+    int32_t u[32];
+    for (int i = 0; i < mt; i++) acc[i] = 0;
+    for (int64_t c = 0; c < chunks; c++) {
+        chunk_values(w, n, c, u);
+        for (int half = 0; half < 2; half++) {
+            int64_t k0 = 32 * c + 16 * half;
+            float s = load_scale(w->scale, w->sdtype, n * G + k0 / w->group);
+            for (int i = 0; i < mt; i++) {
+                const int8_t *xq = qx->xq + (m0 + i) * K + k0, *xr = qx->xr + (m0 + i) * K + k0;
+                int32_t dot = 0;
+                for (int j = 0; j < 16; j++) dot += (256 * xq[j] + xr[j]) * u[16 * half + j];
+                acc[i] += (float)dot * (s * (qx->d[(m0 + i) * chunks + c] / 256.0f));
+            }
+        }
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* 32 bytes, 0x00 or 0xff: byte j set where bit j of word is (llama.cpp's bytes_from_bits_32) */
+static inline __m256i bytes_from_bits(uint32_t word) {
+    const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
+                                            0x0303030303030303);
+    const __m256i bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    __m256i r = _mm256_shuffle_epi8(_mm256_set1_epi32((int)word), shuf);
+    r = _mm256_or_si256(r, bit);
+    return _mm256_cmpeq_epi8(r, _mm256_set1_epi64x(-1));
+}
+
+/* BITS, GROUP16 and the row count are constants at each call site (the dispatch below): the decode is
+   specialised and the accumulators stay in registers */
+static inline __attribute__((always_inline)) void row_avx2(const gq_weight *w, int64_t n, const quantized_x *qx,
+                                                           int64_t m0, const int mt, float *out, const int BITS,
+                                                           const int GROUP16) {
+    const int64_t K = w->K, G = K / w->group, chunks = K / 32, per_group = GROUP16 ? 1 : w->group / 32;
+    const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const uint8_t *nib = w->nib + n * (K / 2);
+    const uint8_t *hb = BITS == 5 || BITS == 6 ? w->hb + n * (K / 8) * (BITS - 4) : 0;
+    const int8_t *q8 = BITS == 8 ? w->q8 + n * K : 0;
+    __m256 acc[MT];
+    for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t c = 0, g = 0, left = per_group; c < chunks; c++) { /* g: the chunk's group, left: chunks to its end */
+        __m256i u; /* 32 bytes: the chunk's values, k = 0..31 */
+        if (BITS == 8) {
+            u = _mm256_loadu_si256((const __m256i *)(q8 + 32 * c));
+        } else {
+            const __m128i b = _mm_loadu_si128((const __m128i *)(nib + 16 * c));
+            u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m15);
+            for (int p = 0; p < (BITS >= 5) + (BITS == 6); p++) {
+                uint32_t word;
+                memcpy(&word, hb + 4 * (BITS - 4) * c + 4 * p, 4);
+                u = _mm256_or_si256(u, _mm256_and_si256(bytes_from_bits(word), _mm256_set1_epi8((char)(16 << p))));
+            }
+        }
+        /* the weight scales of the chunk's lanes (after madd, lane l sums k = 4l..4l+3) */
+        __m256 s;
+        if (GROUP16) {
+            s = _mm256_set_m128(_mm_set1_ps(load_scale(w->scale, w->sdtype, n * G + 2 * c + 1)),
+                                _mm_set1_ps(load_scale(w->scale, w->sdtype, n * G + 2 * c)));
+        } else {
+            s = _mm256_set1_ps(load_scale(w->scale, w->sdtype, n * G + g));
+            if (--left == 0) { /* no division in the loop: it costs more than the chunk */
+                g++;
+                left = per_group;
+            }
+        }
+        const __m256i au = BITS == 8 ? _mm256_sign_epi8(u, u) : u; /* maddubs takes its first operand unsigned */
+        for (int i = 0; i < mt; i++) {
+            __m256i xq = _mm256_loadu_si256((const __m256i *)(qx->xq + (m0 + i) * K + 32 * c));
+            __m256i xr = _mm256_loadu_si256((const __m256i *)(qx->xr + (m0 + i) * K + 32 * c));
+            if (BITS == 8) {
+                xq = _mm256_sign_epi8(xq, u);
+                xr = _mm256_sign_epi8(xr, u);
+            }
+            const __m256i dq = _mm256_madd_epi16(_mm256_maddubs_epi16(au, xq), ones); /* [8] int32 */
+            const __m256i dr = _mm256_madd_epi16(_mm256_maddubs_epi16(au, xr), ones);
+            const __m256i dot = _mm256_add_epi32(_mm256_slli_epi32(dq, 8), dr); /* exact: |dot| < 2^31 */
+            const __m256 sd = _mm256_mul_ps(s, _mm256_set1_ps(qx->d[(m0 + i) * chunks + c] / 256.0f));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sd, acc[i]);
+        }
+    }
+    for (int i = 0; i < mt; i++) { /* horizontal sum */
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        out[i] = _mm_cvtss_f32(h);
+    }
+}
+
+#define ROW_CASE(B, G16)                                                                                               \
+    switch (mt) {                                                                                                      \
+    case 1: row_avx2(w, n, qx, m0, 1, acc, B, G16); break;                                                           \
+    case 2: row_avx2(w, n, qx, m0, 2, acc, B, G16); break;                                                           \
+    case 3: row_avx2(w, n, qx, m0, 3, acc, B, G16); break;                                                           \
+    default: row_avx2(w, n, qx, m0, 4, acc, B, G16); break;                                                          \
+    }
+static void row_simd(const gq_weight *w, int64_t n, const quantized_x *qx, int64_t m0, int mt, float *acc) {
+    switch (w->bits * 2 + (w->group == 16)) {
+    case 8: ROW_CASE(4, 0); break;
+    case 9: ROW_CASE(4, 1); break;
+    case 10: ROW_CASE(5, 0); break;
+    case 11: ROW_CASE(5, 1); break;
+    case 12: ROW_CASE(6, 0); break;
+    case 13: ROW_CASE(6, 1); break;
+    case 16: ROW_CASE(8, 0); break;
+    default: ROW_CASE(8, 1); break;
+    }
+}
+#define SIMD 256
+#else
+#define row_simd row_generic
+#define SIMD 0
+#endif
+
+/* the vector width row_simd was built for: 256 (AVX2 + FMA) or 0 (portable C) */
+int gq_simd(void) { return SIMD; }
+
+static void matmul(const gq_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int nthreads) {
+    int64_t K = w->K, G = K / w->group;
+    quantized_x qx = {malloc(M * K + 1), malloc(M * K + 1), malloc(sizeof(float) * (M * (K / 32) + 1)),
+                      malloc(sizeof(float) * (M * G + 1))};
+    quantize_x(x, M, K, w->group, &qx);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && w->N * (K / 32) * M >= 4096)
+    for (int64_t nb = 0; nb < w->N; nb += 16) {
+        int64_t ne = nb + 16 < w->N ? nb + 16 : w->N;
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            int mt = M - m0 < MT ? (int)(M - m0) : MT;
+            for (int64_t n = nb; n < ne; n++) {
+                float acc[MT];
+                row_simd(w, n, &qx, m0, mt, acc);
+                zero_terms(w, n, qx.xs, m0, mt, acc);
+                for (int i = 0; i < mt; i++) y[(m0 + i) * ldy + n] = acc[i];
+            }
+        }
+    }
+    free(qx.xq);
+    free(qx.xr);
+    free(qx.d);
+    free(qx.xs);
+}
+
+/* y [M, N] = x [M, K] @ W^T */
+void gq_matmul(const float *x, int64_t M, float *y, const gq_weight *w, int nthreads) { matmul(w, x, M, y, w->N, nthreads); }
+
+/* MoE: rows of expert e of x [M, K] (sorted by expert, counts[e] each) times expert e of the stacked w [E, N, K]
+   (w->N, w->K: one expert's) -> y [M, N]; rows past sum(counts) are left as they are */
+void gq_grouped_matmul(const float *x, int64_t M, float *y, const int64_t *counts, int64_t E, const gq_weight *w,
+                       int nthreads) {
+    const int64_t N = w->N, K = w->K, G = K / w->group, esize = w->sdtype == 0 ? 4 : 2;
+    const int64_t planes = w->bits == 5 || w->bits == 6 ? w->bits - 4 : 0;
+    int64_t start = 0;
+    for (int64_t e = 0; e < E && start < M; e++) {
+        int64_t count = counts[e] < M - start ? counts[e] : M - start;
+        if (count > 0) {
+            gq_weight we = *w;
+            we.nib = w->nib ? w->nib + e * N * (K / 2) : 0;
+            we.hb = planes ? w->hb + e * N * (K / 8) * planes : 0;
+            we.q8 = w->q8 ? w->q8 + e * N * K : 0;
+            we.scale = (const char *)w->scale + e * N * G * esize;
+            we.zero = w->zero ? (const char *)w->zero + e * N * G * esize : 0;
+            matmul(&we, x + start * K, count, y + start * N, N, nthreads);
+        }
+        start += count;
+    }
+}
+
+/* out [T, K] = rows ids [T] of the effective weight, gguf-py's values ((float)(u + lo) * s + z, uncontracted) */
+void gq_rows(const int64_t *ids, int64_t T, float *out, const gq_weight *w, int nthreads) {
+    const int64_t K = w->K, G = K / w->group;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && T >= 64)
+    for (int64_t t = 0; t < T; t++) {
+        int64_t n = ids[t];
+        int32_t u[32];
+        for (int64_t c = 0; c < K / 32; c++) {
+            chunk_values(w, n, c, u);
+            for (int j = 0; j < 32; j++) {
+                int64_t k = 32 * c + j;
+                float v = (float)(u[j] + w->lo) * load_scale(w->scale, w->sdtype, n * G + k / w->group);
+                if (w->zero) v = v + load_scale(w->zero, w->sdtype, n * G + k / w->group);
+                out[t * K + k] = v;
+            }
+        }
+    }
+}
