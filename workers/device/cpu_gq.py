@@ -3,9 +3,9 @@
 ATen's CPU int4 kernel (cpu.py's fallback) takes 4-bit values with bf16 scales only and rounds activations and
 outputs to bf16. gq.c takes 4-, 5-, 6- and 8-bit values with their exact scales (float16 where GGUF's are, else
 float32), so a Q5_0 or Q6_K layer is held at its own width, one copy serves a tied embedding and head, and stacked
-MoE experts multiply in place. It sums integer products (AVX2's maddubs, as llama.cpp does) over activations held
-as two int8 planes per 32 values, 16 bits of each chunk's largest value: a product differs from a float32 matmul of
-gguf-py's values by about 1e-5 of |x| @ |w|.T (gq.c's header). At batch 1 it runs at about ATen's speed here.
+MoE experts multiply in place. It sums integer products (AVX2's madd_epi16) over activations held as int16 per 32
+values, 15 bits of each chunk's largest value: a product differs from a float32 matmul of gguf-py's values by about
+1e-5 of |x| @ |w|.T (gq.c's header). At batch 1 it runs at about ATen's speed here.
 
 The C source is compiled by the system's C compiler (`cc`, with -march=native and OpenMP) into
 ~/.cache/shardserve/kernels, keyed by the source, the flags, the compiler and this CPU's flags, so a cluster

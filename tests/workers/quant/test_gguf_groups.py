@@ -3,8 +3,8 @@ the decoded values, group_matmul vs a float matmul of what the layout holds, and
 
 Tolerances, per element (u = 2^-8, bf16's unit roundoff):
 - decode, the reference layout ("groups", TorchOps: CUDA's and the fallback everywhere) and the CPU's "gq" layout
-  (cpu_gq.py, our kernel): exact, bit for bit. gq's matmul holds x per 32 values along K as d (xq + xr / 256)
-  with two int8 planes (d = amax / 127): |dy| <= sum_k |w_k| d_k / 511, plus float32 rounding.
+  (cpu_gq.py, our kernel): exact, bit for bit. gq's matmul holds x per 32 values along K as d xq, xq int16
+  (d = amax / 32767): |dy| <= sum_k |w_k| d_k / 2, plus float32 rounding.
 - CPU ATen layouts (ATen int4, bf16 scales and zeros): |dw| <= u ((|q| + 32) |scale| + |zero|), the rounding of
   scale, 16 scale and zero + (lo + 8) scale to bf16 (cpu.CpuOps docstring); its matmul additionally rounds x and
   the output to bf16: |dy| <= 2u (|x| @ |w|.T) + u |y|.
@@ -114,8 +114,8 @@ def _matmul_bound(x: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor, layout:
     fp32 = 1e-5 * F.linear(x.abs(), w.abs()) + 1e-6
     if layout == "groups":
         return fp32
-    if layout == "gq":  # x held as d (xq + xr / 256) per 32, d = amax / 127: |dx_k| <= d / 512 (+ xr's clamp at 127)
-        d = x.abs().view(x.shape[0], -1, 32).amax(-1).repeat_interleave(32, -1) / (127 * 511)
+    if layout == "gq":  # x held as d xq per 32, xq int16, d = amax / 32767: |dx_k| <= d / 2
+        d = x.abs().view(x.shape[0], -1, 32).amax(-1).repeat_interleave(32, -1) / (2 * 32767)
         return F.linear(d, w.abs()) * (1 + 1e-3) + fp32
     return 2 * U * F.linear(x.abs(), w.abs()) + U * y_ref.abs() + 1e-6
 

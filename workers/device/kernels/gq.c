@@ -9,11 +9,11 @@ checkpoint's (GGUF: gguf_groups.py's q * scale + zero with q = u + lo). Storage 
                  (bit j = bit 4 (plane 0) or 5 (plane 1) of u[32c + j]);
   q8   [N, K] int8, bits 8: the values themselves (lo is then 0 and u signed);
   scale, zero [N, K/group] float32, float16 or bfloat16 (sdtype 0, 1, 2).
-The product holds each activation row per 32 values along K as two int8 planes, x ~ d (xq + xr / 256)
-(quantize_x), sums integer products exactly, and scales them:
-  y[m, n] = sum_c d_c / 256 * sum_{g in c} s_g * dot_g(u_n, 256 xq_m + xr_m) + sum_g (lo s_g + z_g) * xs_g
-(c: chunks of 32, g: the weight's groups, xs_g the group's sum of x as held). Against x @ W^T on the dequantized
-weight it differs by the rounding of x to 16 bits of its chunk's largest value, and float32 rounding.
+The product holds each activation row per 32 values along K as int16, x ~ d xq (quantize_x), sums integer
+products exactly (AVX2: madd_epi16) and scales them:
+  y[m, n] = sum_c d_c * sum_{g in c} s_g * dot_g(u_n, xq_m) + sum_g (lo s_g + z_g) * xs_g
+(c: chunks of 32, g: the weight's groups, xs_g = d_c * the group's sum of xq). Against x @ W^T on the dequantized
+weight it differs by the rounding of x to 15 bits of its chunk's largest value, and float32 rounding.
 Rows (gq_rows) are dequantized as gguf-py does, (float)(u + lo) * s then + z, with no contraction
 (-ffp-contract=off): bit for bit its values.
 */
@@ -90,13 +90,12 @@ static inline void chunk_values(const gq_weight *w, int64_t n, int64_t c, int32_
     }
 }
 
-/* Activations x [M, K] as the product reads them: two int8 planes per chunk of 32 along K, x ~ d (xq + xr / 256)
-   with d = amax / 127, xq = round(x / d), xr = round(256 (x / d - xq)): 16 bits of x relative to its chunk's
-   largest value (one int8 plane, as llama.cpp's Q8_0, moved SmolLM2's logits 3.5x further from fp32 than bf16
-   activations do: tests/workers/models/test_dense_vs_hf.py). d [M, K/32]; xs [M, K/group] = the group's sum of x
-   as the planes hold it (the zero and lo terms' factor) */
+/* Activations x [M, K] as the product reads them: int16 per chunk of 32 along K, x ~ d xq with d = amax / 32767,
+   xq = round(x / d): 15 bits of each chunk's largest value (int8, llama.cpp's Q8_0, moved SmolLM2's logits 3.5x
+   further from fp32 than bf16 activations do: tests/workers/models/test_dense_vs_hf.py). d [M, K/32];
+   xs [M, K/group] = d * the group's sum of xq (the zero and lo terms' factor) */
 typedef struct {
-    int8_t *xq, *xr;
+    int16_t *xq;
     float *d, *xs;
 } quantized_x;
 
@@ -107,20 +106,16 @@ static void quantize_x(const float *x, int64_t M, int64_t K, int group, quantize
             const float *xc = x + m * K + 32 * c;
             float amax = 0;
             for (int j = 0; j < 32; j++) amax = fabsf(xc[j]) > amax ? fabsf(xc[j]) : amax;
-            float d = amax / 127.0f, id = amax > 0 ? 127.0f / amax : 0.0f;
-            qx->d[m * chunks + c] = d;
-            for (int j = 0; j < 32; j++) {
-                float v = xc[j] * id, q = nearbyintf(v), r = nearbyintf((v - q) * 256.0f);
-                qx->xq[m * K + 32 * c + j] = (int8_t)q;
-                qx->xr[m * K + 32 * c + j] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
-            }
+            float id = amax > 0 ? 32767.0f / amax : 0.0f;
+            qx->d[m * chunks + c] = amax / 32767.0f;
+            for (int j = 0; j < 32; j++) qx->xq[m * K + 32 * c + j] = (int16_t)nearbyintf(xc[j] * id);
         }
         for (int64_t g = 0; g < G; g++) { /* over the group's chunks (a group of 16: half of one) */
             float xs = 0;
             for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 16) {
                 int32_t sum = 0;
-                for (int j = 0; j < 16; j++) sum += 256 * qx->xq[m * K + k0 + j] + qx->xr[m * K + k0 + j];
-                xs += qx->d[m * chunks + k0 / 32] / 256.0f * (float)sum;
+                for (int j = 0; j < 16; j++) sum += qx->xq[m * K + k0 + j];
+                xs += qx->d[m * chunks + k0 / 32] * (float)sum;
             }
             qx->xs[m * G + g] = xs;
         }
@@ -180,10 +175,10 @@ __attribute__((unused)) static void row_generic(const gq_weight *w, int64_t n, c
             int64_t k0 = 32 * c + 16 * half;
             float s = load_scale(w->scale, w->sdtype, n * G + k0 / w->group);
             for (int i = 0; i < mt; i++) {
-                const int8_t *xq = qx->xq + (m0 + i) * K + k0, *xr = qx->xr + (m0 + i) * K + k0;
+                const int16_t *xq = qx->xq + (m0 + i) * K + k0;
                 int32_t dot = 0;
-                for (int j = 0; j < 16; j++) dot += (256 * xq[j] + xr[j]) * u[16 * half + j];
-                acc[i] += (float)dot * (s * (qx->d[(m0 + i) * chunks + c] / 256.0f));
+                for (int j = 0; j < 16; j++) dot += xq[j] * u[16 * half + j];
+                acc[i] += (float)dot * (s * qx->d[(m0 + i) * chunks + c]);
             }
         }
     }
@@ -206,7 +201,7 @@ static inline __attribute__((always_inline)) void row_avx2(const gq_weight *w, i
                                                            int64_t m0, const int mt, float *out, const int BITS,
                                                            const int GROUP16) {
     const int64_t K = w->K, G = K / w->group, chunks = K / 32, per_group = GROUP16 ? 1 : w->group / 32;
-    const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i m15 = _mm256_set1_epi8(15);
     const uint8_t *nib = w->nib + n * (K / 2);
     const uint8_t *hb = BITS == 5 || BITS == 6 ? w->hb + n * (K / 8) * (BITS - 4) : 0;
     const int8_t *q8 = BITS == 8 ? w->q8 + n * K : 0;
@@ -225,31 +220,33 @@ static inline __attribute__((always_inline)) void row_avx2(const gq_weight *w, i
                 u = _mm256_or_si256(u, _mm256_and_si256(bytes_from_bits(word), _mm256_set1_epi8((char)(16 << p))));
             }
         }
-        /* the weight scales of the chunk's lanes (after madd, lane l sums k = 4l..4l+3) */
-        __m256 s;
-        if (GROUP16) {
-            s = _mm256_set_m128(_mm_set1_ps(load_scale(w->scale, w->sdtype, n * G + 2 * c + 1)),
-                                _mm_set1_ps(load_scale(w->scale, w->sdtype, n * G + 2 * c)));
+        /* int16 values: k = 0..15 and 16..31 */
+        const __m256i u0 = BITS == 8 ? _mm256_cvtepi8_epi16(_mm256_castsi256_si128(u)) : _mm256_cvtepu8_epi16(_mm256_castsi256_si128(u));
+        const __m256i u1 = BITS == 8 ? _mm256_cvtepi8_epi16(_mm256_extracti128_si256(u, 1)) : _mm256_cvtepu8_epi16(_mm256_extracti128_si256(u, 1));
+        if (GROUP16) { /* a scale per half chunk */
+            const __m256 s0 = _mm256_set1_ps(load_scale(w->scale, w->sdtype, n * G + 2 * c));
+            const __m256 s1 = _mm256_set1_ps(load_scale(w->scale, w->sdtype, n * G + 2 * c + 1));
+            for (int i = 0; i < mt; i++) {
+                const int16_t *xq = qx->xq + (m0 + i) * K + 32 * c;
+                const __m256 d = _mm256_set1_ps(qx->d[(m0 + i) * chunks + c]);
+                const __m256i p0 = _mm256_madd_epi16(u0, _mm256_loadu_si256((const __m256i *)xq)); /* [8] int32 */
+                const __m256i p1 = _mm256_madd_epi16(u1, _mm256_loadu_si256((const __m256i *)(xq + 16)));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, d), acc[i]);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, d), acc[i]);
+            }
         } else {
-            s = _mm256_set1_ps(load_scale(w->scale, w->sdtype, n * G + g));
+            const __m256 s = _mm256_set1_ps(load_scale(w->scale, w->sdtype, n * G + g));
             if (--left == 0) { /* no division in the loop: it costs more than the chunk */
                 g++;
                 left = per_group;
             }
-        }
-        const __m256i au = BITS == 8 ? _mm256_sign_epi8(u, u) : u; /* maddubs takes its first operand unsigned */
-        for (int i = 0; i < mt; i++) {
-            __m256i xq = _mm256_loadu_si256((const __m256i *)(qx->xq + (m0 + i) * K + 32 * c));
-            __m256i xr = _mm256_loadu_si256((const __m256i *)(qx->xr + (m0 + i) * K + 32 * c));
-            if (BITS == 8) {
-                xq = _mm256_sign_epi8(xq, u);
-                xr = _mm256_sign_epi8(xr, u);
+            for (int i = 0; i < mt; i++) {
+                const int16_t *xq = qx->xq + (m0 + i) * K + 32 * c;
+                const __m256i p0 = _mm256_madd_epi16(u0, _mm256_loadu_si256((const __m256i *)xq));
+                const __m256i p1 = _mm256_madd_epi16(u1, _mm256_loadu_si256((const __m256i *)(xq + 16)));
+                const __m256 sd = _mm256_mul_ps(s, _mm256_set1_ps(qx->d[(m0 + i) * chunks + c]));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), sd, acc[i]); /* exact: < 2^31 */
             }
-            const __m256i dq = _mm256_madd_epi16(_mm256_maddubs_epi16(au, xq), ones); /* [8] int32 */
-            const __m256i dr = _mm256_madd_epi16(_mm256_maddubs_epi16(au, xr), ones);
-            const __m256i dot = _mm256_add_epi32(_mm256_slli_epi32(dq, 8), dr); /* exact: |dot| < 2^31 */
-            const __m256 sd = _mm256_mul_ps(s, _mm256_set1_ps(qx->d[(m0 + i) * chunks + c] / 256.0f));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sd, acc[i]);
         }
     }
     for (int i = 0; i < mt; i++) { /* horizontal sum */
@@ -290,7 +287,7 @@ int gq_simd(void) { return SIMD; }
 
 static void matmul(const gq_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int nthreads) {
     int64_t K = w->K, G = K / w->group;
-    quantized_x qx = {malloc(M * K + 1), malloc(M * K + 1), malloc(sizeof(float) * (M * (K / 32) + 1)),
+    quantized_x qx = {malloc(sizeof(int16_t) * (M * K + 1)), malloc(sizeof(float) * (M * (K / 32) + 1)),
                       malloc(sizeof(float) * (M * G + 1))};
     quantize_x(x, M, K, w->group, &qx);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && w->N * (K / 32) * M >= 4096)
@@ -307,7 +304,6 @@ static void matmul(const gq_weight *w, const float *x, int64_t M, float *y, int6
         }
     }
     free(qx.xq);
-    free(qx.xr);
     free(qx.d);
     free(qx.xs);
 }
