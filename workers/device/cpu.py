@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from shardserve.workers.device import cpu_gq
-from shardserve.workers.device.base import DeviceBackend, TorchOps
+from shardserve.workers.device import cpu_fused, cpu_gq
+from shardserve.workers.device.base import AttentionMetadata, DeviceBackend, TorchOps
 from shardserve.workers.device.quant_ops import GroupWeight, _dequantize_groups, narrowest_exact
 
 # ATen's CPU int4 kernels (torch >= 2.5): weight [N, K] in a blocked nibble layout, activations and
@@ -59,9 +59,43 @@ class CpuOps(TorchOps):
             return False
         lib = cpu_gq.library()
         if lib is None and self.kernel == "gq":
-            raise RuntimeError(f"the gq kernel did not build ({cpu_gq.SOURCE}): see the log for the compiler's errors")
-        return lib is not None and (self.kernel == "gq" or lib.gq_simd() > 0)
+            raise RuntimeError("the CPU's C kernels (workers/device/kernels) did not build: see the log for the compiler's errors")
+        return lib is not None and (self.kernel == "gq" or cpu_gq.simd(lib) > 0)
 
+    # ---- fused float32 decode ops (cpu_fused.py), torch's where they do not apply -------------------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        fused = cpu_fused.add_rms_norm(x, None, weight, eps)
+        return super().rms_norm(x, weight, eps) if fused is None else fused[0]
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = cpu_fused.add_rms_norm(x, residual, weight, eps)
+        return super().add_rms_norm(x, residual, weight, eps) if fused is None else fused
+
+    def rotary(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rq, rk = cpu_fused.rotary(q, cos, sin), cpu_fused.rotary(k, cos, sin)
+        return super().rotary(q, k, cos, sin) if rq is None or rk is None else (rq, rk)
+
+    def paged_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
+    ) -> torch.Tensor:
+        """Decode steps (one query per sequence) read the paged cache in place (fused.c); prefill takes SDPA."""
+        if meta.max_q == 1:
+            out = cpu_fused.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, window)
+            if out is not None:
+                return out
+        return super().paged_attention(q, k_cache, v_cache, meta, scale, window)
+
+    # ---- group-quantized weights -----------------------------------------------------------------------------
     def pack_groups(
         self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int, lookup: bool = False
     ) -> GroupWeight:

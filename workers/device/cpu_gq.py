@@ -5,36 +5,21 @@ outputs to bf16. gq.c takes 4-, 5-, 6- and 8-bit values with their exact scales 
 float32), so a Q5_0 or Q6_K layer is held at its own width, one copy serves a tied embedding and head, and stacked
 MoE experts multiply in place. It sums integer products (AVX2's madd_epi16) over activations held as int16 per 32
 values, 15 bits of each chunk's largest value: a product differs from a float32 matmul of gguf-py's values by about
-1e-5 of |x| @ |w|.T (gq.c's header). At batch 1 it runs at about ATen's speed here.
-
-The C source is compiled by the system's C compiler (`cc`, with -march=native and OpenMP) into
-~/.cache/shardserve/kernels, keyed by the source, the flags, the compiler and this CPU's flags, so a cluster
-sharing a home directory never loads a build made for another CPU. Where no compiler works, `library()` is None
-and the CPU table keeps ATen's kernel (cpu.py), saying so once in the log.
+1e-5 of |x| @ |w|.T (gq.c's header). At batch 1 it runs at about ATen's speed here. cpu_native.py builds it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
+from shardserve.workers.device import cpu_native
+from shardserve.workers.device.cpu_native import I64, INT, P
 from shardserve.workers.device.quant_ops import GroupWeight, narrowest_exact
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("kernels") / "gq.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 _SCALE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -46,59 +31,26 @@ class _Weight(ctypes.Structure):
     ] + [(name, ctypes.c_int) for name in ("bits", "group", "lo", "sdtype")]
 
 
-_P, _I64, _INT, _W = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(_Weight)
+_W = ctypes.POINTER(_Weight)
 _SIGNATURES = {
-    "gq_matmul": [_P, _I64, _P, _W, _INT],
-    "gq_grouped_matmul": [_P, _I64, _P, _P, _I64, _W, _INT],
-    "gq_rows": [_P, _I64, _P, _W, _INT],
-    "gq_simd": [],
+    "gq_matmul": [P, I64, P, _W, INT],
+    "gq_grouped_matmul": [P, I64, P, P, I64, _W, INT],
+    "gq_rows": [P, I64, P, _W, INT],
 }
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shardserve" / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), platform.machine())
-
-
 @functools.cache
-def library(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
-    """The built kernel library (compiled once per source, flags, compiler and CPU), or None where no C compiler
-    builds it."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        log.warning("no C compiler (cc) found: the CPU keeps ATen's int4 kernel for quantized weights")
-        return None
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join((SOURCE.read_text(), *flags, version, _cpu_flags())).encode()).hexdigest()[:16]
-    target = cache_dir() / f"gq-{key}.so"
-    try:
-        if not target.exists():
-            _build(compiler, flags, target)
-    except (OSError, subprocess.CalledProcessError) as e:
-        stderr = getattr(e, "stderr", "") or ""
-        log.warning("building %s into %s failed (%s): the CPU keeps ATen's int4 kernel\n%s", SOURCE, target, e, stderr)
-        return None
-    lib = ctypes.CDLL(str(target))
-    for name, args in _SIGNATURES.items():
-        getattr(lib, name).argtypes = args
-        getattr(lib, name).restype = ctypes.c_int if name == "gq_simd" else None
+def library(flags: tuple[str, ...] = cpu_native.FLAGS) -> ctypes.CDLL | None:
+    """cpu_native's library with gq.c's functions declared, or None where it does not build."""
+    lib = cpu_native.library(flags)
+    if lib is not None:
+        cpu_native.declare(lib, _SIGNATURES)
     return lib
 
-
-def _build(compiler: str, flags: tuple[str, ...], target: Path) -> None:
-    """Compile to a temporary name beside the target, then rename: ranks of one machine build at once."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        subprocess.run([compiler, *flags, "-o", str(out), str(SOURCE), "-lm"], capture_output=True, text=True, check=True)
-        os.replace(out, target)
+def simd(lib: ctypes.CDLL) -> int:
+    """The vector width gq.c's products were built for: 256 (AVX2 + FMA) or 0 (portable C)."""
+    lib.gq_simd.restype = ctypes.c_int
+    return lib.gq_simd()
 
 
 def width(lo: int, hi: int) -> int:

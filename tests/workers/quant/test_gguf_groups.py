@@ -411,11 +411,11 @@ def test_a_corrupt_scale_fails_at_load_naming_file_and_tensor(tmp_path):
 def test_gq_portable_build_matches_the_simd_build(qtype):
     """gq.c's portable C (what a CPU without AVX2, an Arm host, runs) against its AVX2 build on the same weight:
     the same integer sums in another order, so within float32 rounding (1e-5 of |x| @ |w|.T)."""
-    from shardserve.workers.device import cpu_gq
+    from shardserve.workers.device import cpu_gq, cpu_native
 
     simd = cpu_gq.library()
-    portable = cpu_gq.library((*cpu_gq.FLAGS, "-mno-avx2", "-mno-fma"))
-    assert simd.gq_simd() == 256 and portable.gq_simd() == 0
+    portable = cpu_gq.library((*cpu_native.FLAGS, "-mno-avx2", "-mno-fma"))
+    assert cpu_gq.simd(simd) == 256 and cpu_gq.simd(portable) == 0
     q, scale, zero, group, w = _pieces(qtype, 80, _k(qtype), seed=3)
     packed = cpu_gq.pack(q, scale, zero, group)
     x = torch.randn(6, _k(qtype))
