@@ -28,7 +28,7 @@ class CpuOps(TorchOps):
     bits of each chunk's largest: SmolLM2 Q4_1's logits at a mean KL of 9e-8 from fp32's, test_dense_vs_hf.py).
     Memory per value:
     Q4_0/Q4_1 0.56 bytes (0.56 and 0.63 in the file), Q5_0 0.69 (0.69), Q8_0 1.06 (1.06), Q4_K 0.75 (0.56: a
-    float32 scale and zero per 32, d * sc not being exact in float16), Q6_K 1.0 (0.82), Q2_K/Q3_K 0.75.
+    float32 scale and zero per 32, d * sc not being exact in float16), Q6_K 1.0 (0.82), Q3_K 0.75 (0.43), Q2_K 1.0 (0.33).
 
     ATen's layouts (pack_groups with kernel "aten"; the kernel computes w = (u - 8) * s + z per group, u in 0..15):
     - "int4pack": values spanning 16 integers (Q4_0, Q4_1, Q4_K, TQ*): u = q + 8 with z = zero where q fits

@@ -344,13 +344,15 @@ class NpuOps(TorchOps):
         """Layout "antiquant": int8 q for npu_weight_quant_batchmatmul (through weight_quant_matmul) with its
         per-group antiquant scale and offset ([doc]: group a multiple of 32 in [32, K-1]), offset = -zero / scale
         (quant_ops.affine_to_offset: one float32 division; the kernel then reads scale and offset in x's dtype,
-        bf16/fp16, which rounds them). Groups of 16 (Q2_K, Q3_K, Q6_K), stacked experts and lookups keep the
-        reference layout. Checked against our emulation of the documented semantics, not on an Ascend device."""
+        bf16/fp16, which rounds them). Stacked experts [E, N, K] hold each expert's (K, N) the same way
+        (grouped_group_matmul). Groups of 16 (Q2_K, Q3_K, Q6_K) and lookups keep the reference layout. Checked
+        against our emulation of the documented semantics, not on an Ascend device."""
         K = q.shape[-1]
-        if lookup or q.dim() != 2 or group % 32 or not 32 <= group <= K - 1:
+        if lookup or q.dim() not in (2, 3) or group % 32 or not 32 <= group <= K - 1:
             return super().pack_groups(q, scale, zero, group, lookup)
         q, scale, offset = affine_to_offset(q, scale.float(), None if zero is None else zero.float())
-        tensors = {"w": self.prepare_weight(q.to(torch.int8), "int8"), "scale": scale.contiguous()}
+        w = q.to(torch.int8).transpose(-1, -2).contiguous()  # (K, N) per expert, prepare_weight("int8")'s layout
+        tensors = {"w": w, "scale": scale.contiguous()}
         if offset is not None:
             tensors["offset"] = offset.contiguous()
         return GroupWeight("antiquant", tuple(q.shape), group, **tensors)
@@ -363,10 +365,26 @@ class NpuOps(TorchOps):
             x, w.w, w.scale.to(x.dtype), None if offset is None else offset.to(x.dtype), group_size=w.group
         )
 
+    def grouped_group_matmul(self, x: torch.Tensor, w: GroupWeight, group_counts: torch.Tensor) -> torch.Tensor:
+        """Stacked experts kept int8: one npu_weight_quant_batchmatmul per expert that has rows, instead of the
+        reference's dequantizing every expert at each call (npu_grouped_matmul's antiquant path: the pages we read
+        give no per-group scale shape, and GGUF's scales are per group). Rows past the groups stay zeros."""
+        if w.layout != "antiquant":
+            return super().grouped_group_matmul(x, w, group_counts)
+        out = x.new_zeros(x.shape[0], w.shape[-2])  # [M, N]
+        offset, start = getattr(w, "offset", None), 0
+        for e, count in enumerate(group_counts.tolist()):
+            if count:
+                rows = slice(start, start + count)
+                off = None if offset is None else offset[e].to(x.dtype)
+                out[rows] = self.weight_quant_matmul(x[rows], w.w[e], w.scale[e].to(x.dtype), off, group_size=w.group)
+            start += count
+        return out
+
     def group_dequantize(self, w: GroupWeight) -> torch.Tensor:
         if w.layout != "antiquant":
             return super().group_dequantize(w)
-        q = w.w.t().float()  # prepare_weight("int8") stored (K, N)
+        q = w.w.transpose(-1, -2).float()  # stored (K, N) per expert
         s = w.scale.float().repeat_interleave(w.group, dim=-1)
         offset = getattr(w, "offset", None)
         return (q if offset is None else q - offset.float().repeat_interleave(w.group, dim=-1)) * s

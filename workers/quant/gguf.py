@@ -2,15 +2,15 @@
 
 Kept quantized by default, on every device: a layer whose sub-matrices are all integer types (gguf_groups.py's
 table: Q4_0..Q8_0, Q2_K..Q6_K, IQ4_NL/IQ4_XS, TQ1_0/TQ2_0, MXFP4, NVFP4) holds q, scale and zero per group,
-exactly the checkpoint's values, packed by the device's op table (`pack_groups`: the CPU's ATen int4 kernel,
-the NPU's npu_weight_quant_batchmatmul, the plain-torch reference elsewhere) and multiplied by its group_matmul.
+exactly the checkpoint's values, packed by the device's op table (`pack_groups`: on the CPU our gq kernel, which
+holds every type at its own width with its exact scales, or ATen's int4 kernel where no C compiler builds ours;
+the NPU's npu_weight_quant_batchmatmul; the plain-torch reference elsewhere) and multiplied by its group_matmul.
 Fused layers (qkv, gate_up, an MoE's w13) whose parts differ in type share the finer group and a zero. Stacked
 MoE experts (ffn_*_exps) stay quantized under TP and EP; the token embedding is gathered from its quantized rows,
-and the LM head (tied or not) multiplies the quantized matrix, a tied one held once on the CPU (embed_head.py).
-Memory on the CPU, per value against the file: 4-bit types 0.63 bytes (Q4_1: 0.63 in the file, Q4_K: 0.56);
-5-bit and 8-bit types 1.25 (two nibble planes and two bf16 scale pairs per 32: Q5_0 0.69, Q8_0 1.06 in the file);
-groups of 16 (Q6_K, Q3_K, Q2_K) int8 or two a byte, with a scale per 16 (float32: their d * sc is not exact in
-float16; Q6_K: 1.25 against 0.82).
+and the LM head (tied or not) multiplies the quantized matrix, a tied one held once (embed_head.py).
+Memory on the CPU (gq), bytes per value against the file: Q4_0 0.56 (0.56), Q4_1 0.63 (0.63), Q5_0 0.69 (0.69),
+Q8_0 1.06 (1.06), Q4_K 0.75 (0.56: a float32 scale and zero per 32, d * sc not being exact in float16), Q5_K 0.88
+(0.69), Q6_K 1.0 (0.82), Q3_K 0.75 (0.43) and Q2_K 1.0 (0.33): nibbles and float32 scales (and Q2_K's zeros) per 16.
 
 Dequantized at load into the compute dtype (gguf-py's dequantizer): F32/F16/BF16 and the grid types
 (IQ1_*, IQ2_*, IQ3_*), a layer mixing those with integer types, a TP split inside a block, and every layer under

@@ -116,3 +116,25 @@ def test_npu_emulated_groups_of_16_keep_the_reference_layout(npu_ops):
     assert packed.layout == "groups"
     x = torch.randn(3, 64)
     torch.testing.assert_close(npu_ops.group_matmul(x, packed), TorchOps().group_matmul(x, packed))
+
+
+def test_npu_emulated_stacked_experts_stay_int8(npu_ops):
+    """GGUF's stacked experts [E, N, K] (groups of 32) in the antiquant layout: each expert with rows goes through
+    npu_weight_quant_batchmatmul (emulated: our calls, not Ascend's kernel), an expert with none is skipped, and
+    rows past the groups are zeros. Tolerance as for one matrix (bf16 rounding, K = 128)."""
+    E, N, K = 3, 48, 128
+    pieces = [_affine(N, K, 32, True, seed=e) for e in range(E)]
+    q, scale, zero = (torch.stack(t) for t in zip(*pieces))  # [E, N, K], [E, N, K/32] x 2
+    packed = npu_ops.pack_groups(q, scale, zero, 32)
+    assert packed.layout == "antiquant" and packed.w.dtype == torch.int8 and packed.w.shape == (E, K, N)
+    ref_ops = TorchOps()
+    w_ref = ref_ops.group_dequantize(ref_ops.pack_groups(q, scale, zero, 32))  # [E, N, K]
+    torch.testing.assert_close(npu_ops.group_dequantize(packed), w_ref, rtol=1e-5, atol=1e-7)
+    x = torch.randn(7, K, dtype=torch.bfloat16)
+    counts = torch.tensor([2, 0, 4])  # expert 1 has no rows; row 6 is past the groups
+    y = npu_ops.grouped_group_matmul(x, packed, counts)
+    xf = x.float()
+    ref = torch.cat([xf[:2] @ w_ref[0].T, xf[2:6] @ w_ref[2].T, torch.zeros(1, N)])
+    bound = torch.cat([xf[:2].abs() @ w_ref[0].abs().T, xf[2:6].abs() @ w_ref[2].abs().T, torch.zeros(1, N)])
+    assert y.shape == (7, N) and ((y.float() - ref).abs() <= 2**-6 * bound + 1e-3).all()
+    assert torch.equal(y[6], torch.zeros(N, dtype=y.dtype))
