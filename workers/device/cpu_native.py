@@ -46,11 +46,11 @@ def library(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
     try:
         if not target.exists():
             _build(compiler, flags, target)
-    except (OSError, subprocess.CalledProcessError) as e:
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as e:  # OSError: no room, read-only cache, an unloadable file
         stderr = getattr(e, "stderr", "") or ""
         log.warning("building %s failed (%s): the CPU keeps torch's ops and ATen's int4 kernel\n%s", target, e, stderr)
         return None
-    return ctypes.CDLL(str(target))
 
 
 def declare(lib: ctypes.CDLL, signatures: dict[str, list], restype=None) -> None:

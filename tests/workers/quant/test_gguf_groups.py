@@ -428,15 +428,17 @@ def test_gq_portable_build_matches_the_simd_build(qtype):
     assert ((out["simd"] - F.linear(x, w)).abs() <= _matmul_bound(x, w, F.linear(x, w), "gq")).all()
 
 
-def test_without_a_c_compiler_the_cpu_keeps_atens_kernel():
-    """No compiler (CC names none): the default table packs for ATen's int4 kernel, and says why in the log."""
+@pytest.mark.parametrize(("cc", "says"), [("/nonexistent/cc", "no C compiler"), ("false", "failed")])
+def test_without_a_c_compiler_the_cpu_keeps_atens_kernel(cc, says, tmp_path):
+    """No compiler (CC names none), or one that fails: the default table packs for ATen's int4 kernel, and says why
+    in the log (a fresh cache directory, so that no earlier build is found)."""
     script = (
         "import logging, torch; logging.basicConfig(level=logging.WARNING)\n"
         "from shardserve.workers.device.cpu import CpuOps\n"
         "q = torch.randint(-8, 8, (64, 64), dtype=torch.int8); s = torch.rand(64, 2)\n"
         "print(CpuOps().pack_groups(q, s, None, 32).layout)"
     )
-    env = {**os.environ, "CC": "/nonexistent/cc"}
+    env = {**os.environ, "CC": cc, "XDG_CACHE_HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["int4pack"], done.stdout
-    assert "no C compiler" in done.stderr
+    assert says in done.stderr, done.stderr
