@@ -243,7 +243,7 @@ def test_cpu_aten_layouts_by_type():
 
 @pytest.mark.parametrize("table", list(TABLES))
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("rows", [1, 7, 13])  # 13: a tile of 8 activation rows and one of 5 (gq.c)
 def test_group_matmul_matches_a_matmul_of_the_held_weight(table, qtype, rows):
     ops = TABLES[table]
     q, scale, zero, group, _ = _pieces(qtype, 96, 512, seed=rows)

@@ -133,21 +133,24 @@ static inline __m256 load_scales8(const void *p, int sdtype, int64_t i) {
 #endif
 
 /* the zero and lo terms of row n for activation rows m0..m0+mt: sum_g (lo s_g + z_g) xs[m, g] */
+#define MT 8 /* activation rows per pass over a weight row */
+
 static inline void zero_terms(const gq_weight *w, int64_t n, const float *xs, int64_t m0, int mt, float *out) {
     const int64_t G = w->K / w->group, row = n * G;
     if (w->lo == 0 && !w->zero) return;
     int64_t g = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     if (G >= 8) {
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        __m256 acc[MT];
+        for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps();
         const __m256 lo = _mm256_set1_ps((float)w->lo);
         for (; g + 8 <= G; g += 8) {
             __m256 c = _mm256_mul_ps(lo, load_scales8(w->scale, w->sdtype, row + g));
             if (w->zero) c = _mm256_add_ps(c, load_scales8(w->zero, w->sdtype, row + g));
-            for (int i = 0; i < mt && i < 4; i++)
+            for (int i = 0; i < mt; i++)
                 acc[i] = _mm256_fmadd_ps(c, _mm256_loadu_ps(xs + (m0 + i) * G + g), acc[i]);
         }
-        for (int i = 0; i < mt && i < 4; i++) {
+        for (int i = 0; i < mt; i++) {
             float lanes[8];
             _mm256_storeu_ps(lanes, acc[i]);
             for (int j = 0; j < 8; j++) out[i] += lanes[j];
@@ -161,7 +164,6 @@ static inline void zero_terms(const gq_weight *w, int64_t n, const float *xs, in
     }
 }
 
-#define MT 4 /* activation rows per pass over a weight row */
 
 /* the integer part of y[m0..m0+mt, n] for one weight row n, portable C */
 __attribute__((unused)) static void row_generic(const gq_weight *w, int64_t n, const quantized_x *qx, int64_t m0,
@@ -262,7 +264,11 @@ static inline __attribute__((always_inline)) void row_avx2(const gq_weight *w, i
     case 1: row_avx2(w, n, qx, m0, 1, acc, B, G16); break;                                                           \
     case 2: row_avx2(w, n, qx, m0, 2, acc, B, G16); break;                                                           \
     case 3: row_avx2(w, n, qx, m0, 3, acc, B, G16); break;                                                           \
-    default: row_avx2(w, n, qx, m0, 4, acc, B, G16); break;                                                          \
+    case 4: row_avx2(w, n, qx, m0, 4, acc, B, G16); break;                                                           \
+    case 5: row_avx2(w, n, qx, m0, 5, acc, B, G16); break;                                                           \
+    case 6: row_avx2(w, n, qx, m0, 6, acc, B, G16); break;                                                           \
+    case 7: row_avx2(w, n, qx, m0, 7, acc, B, G16); break;                                                           \
+    default: row_avx2(w, n, qx, m0, 8, acc, B, G16); break;                                                          \
     }
 static void row_simd(const gq_weight *w, int64_t n, const quantized_x *qx, int64_t m0, int mt, float *acc) {
     switch (w->bits * 2 + (w->group == 16)) {
