@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import weakref
 
 import torch
 
@@ -46,6 +47,7 @@ def library(flags: tuple[str, ...] = cpu_native.FLAGS) -> ctypes.CDLL | None:
     if lib is not None:
         cpu_native.declare(lib, _SIGNATURES)
     return lib
+
 
 def simd(lib: ctypes.CDLL) -> int:
     """The vector width gq.c's products were built for: 256 (AVX2 + FMA) or 0 (portable C)."""
@@ -105,15 +107,16 @@ def _pack_rows(q: torch.Tensor, lo: int, bits: int) -> tuple[torch.Tensor, torch
 
 
 def _struct(w: GroupWeight) -> ctypes.Structure:
-    """w's gq_weight, made once, and again only when its buffers were replaced (a `.to()`)."""
+    """w's gq_weight, made once, and again only when its buffers were replaced (a `.to()`): the cache holds a weak
+    reference to the scale tensor it was made from, so it keeps no replaced tensor alive."""
     held = w.__dict__.get("_gq_struct")
-    if held is not None and held[1] is w._buffers["scale"]:
+    if held is not None and held[1]() is w._buffers["scale"]:
         return held[0]
     ptr = lambda name: None if getattr(w, name, None) is None else getattr(w, name).data_ptr()  # noqa: E731
     N, K = w.shape[-2:]
     struct = _Weight(ptr("nib"), ptr("hb"), ptr("q8"), ptr("scale"), ptr("zero"), N, K, w.bits, w.group, w.lo,
                      _SCALE_DTYPES[w.scale.dtype])
-    w.__dict__["_gq_struct"] = (struct, w._buffers["scale"])  # plain state beside the module's buffers
+    w.__dict__["_gq_struct"] = (struct, weakref.ref(w._buffers["scale"]))  # plain state beside the buffers
     return struct
 
 
