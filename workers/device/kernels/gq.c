@@ -263,11 +263,7 @@ static inline __attribute__((always_inline)) void row_avx2(const gq_weight *w, i
     switch (mt) {                                                                                                      \
     case 1: row_avx2(w, n, qx, m0, 1, acc, B, G16); break;                                                           \
     case 2: row_avx2(w, n, qx, m0, 2, acc, B, G16); break;                                                           \
-    case 3: row_avx2(w, n, qx, m0, 3, acc, B, G16); break;                                                           \
     case 4: row_avx2(w, n, qx, m0, 4, acc, B, G16); break;                                                           \
-    case 5: row_avx2(w, n, qx, m0, 5, acc, B, G16); break;                                                           \
-    case 6: row_avx2(w, n, qx, m0, 6, acc, B, G16); break;                                                           \
-    case 7: row_avx2(w, n, qx, m0, 7, acc, B, G16); break;                                                           \
     default: row_avx2(w, n, qx, m0, 8, acc, B, G16); break;                                                          \
     }
 static void row_simd(const gq_weight *w, int64_t n, const quantized_x *qx, int64_t m0, int mt, float *acc) {
@@ -299,8 +295,9 @@ static void matmul(const gq_weight *w, const float *x, int64_t M, float *y, int6
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && w->N * (K / 32) * M >= 4096)
     for (int64_t nb = 0; nb < w->N; nb += 16) {
         int64_t ne = nb + 16 < w->N ? nb + 16 : w->N;
-        for (int64_t m0 = 0; m0 < M; m0 += MT) {
-            int mt = M - m0 < MT ? (int)(M - m0) : MT;
+        for (int64_t m0 = 0, mt; m0 < M; m0 += mt) {
+            /* tiles of 8, 4, 2 or 1 activation rows (the specialisations row_simd has: fewer builds, same speed) */
+            mt = M - m0 >= 8 ? 8 : M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
             for (int64_t n = nb; n < ne; n++) {
                 float acc[MT];
                 row_simd(w, n, &qx, m0, mt, acc);
