@@ -120,8 +120,16 @@ def _struct(w: GroupWeight) -> ctypes.Structure:
     return struct
 
 
+def _on_cpu(*tensors: torch.Tensor) -> None:
+    """The C kernel reads host memory: anything else (a model moved to meta or another device) is refused, not read."""
+    elsewhere = [str(t.device) for t in tensors if t.device.type != "cpu"]
+    if elsewhere:
+        raise ValueError(f"gq weights multiply on the CPU only; found tensors on {', '.join(sorted(set(elsewhere)))}")
+
+
 def matmul(x: torch.Tensor, w: GroupWeight) -> torch.Tensor:
     """y [M, N] float32 = x [M, K] @ W^T."""
+    _on_cpu(x, w.scale)
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], w.shape[-2], dtype=torch.float32)
     library().gq_matmul(x.data_ptr(), x.shape[0], y.data_ptr(), _struct(w), torch.get_num_threads())
@@ -131,6 +139,7 @@ def matmul(x: torch.Tensor, w: GroupWeight) -> torch.Tensor:
 def grouped_matmul(x: torch.Tensor, w: GroupWeight, group_counts: torch.Tensor) -> torch.Tensor:
     """Rows of expert e of x [M, K] (sorted by expert) times expert e of w [E, N, K] -> float32 [M, N] (rows past
     the groups zero)."""
+    _on_cpu(x, w.scale)
     x = x.float().contiguous()
     counts = group_counts.to(torch.int64).contiguous()
     y = torch.zeros(x.shape[0], w.shape[-2], dtype=torch.float32)
@@ -141,6 +150,7 @@ def grouped_matmul(x: torch.Tensor, w: GroupWeight, group_counts: torch.Tensor) 
 
 def rows(w: GroupWeight, ids: torch.Tensor) -> torch.Tensor:
     """Rows ids [T] of w [N, K] -> float32 [T, K], gguf-py's values bit for bit."""
+    _on_cpu(ids, w.scale)
     ids = ids.to(torch.int64).contiguous()
     out = torch.empty(ids.numel(), w.shape[-1], dtype=torch.float32)
     library().gq_rows(ids.data_ptr(), ids.numel(), out.data_ptr(), _struct(w), torch.get_num_threads())

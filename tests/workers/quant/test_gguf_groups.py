@@ -442,3 +442,17 @@ def test_without_a_c_compiler_the_cpu_keeps_atens_kernel(cc, says, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["int4pack"], done.stdout
     assert says in done.stderr, done.stderr
+
+
+def test_gq_weights_off_the_cpu_are_refused_not_read():
+    """A gq weight moved to the meta device (or activations elsewhere): a clear error, never a read of a null
+    pointer by the C kernel."""
+    ops = TABLES["cpu"]
+    q, scale, zero, group, _ = _pieces(T.Q4_K, 32, 256)
+    w = ops.pack_groups(q, scale, zero, group)
+    assert w.layout == "gq"
+    with pytest.raises(ValueError, match="CPU only; found tensors on meta"):
+        ops.group_matmul(torch.randn(2, 256, device="meta"), w)
+    w.to("meta")
+    with pytest.raises(ValueError, match="CPU only"):
+        ops.group_rows(w, torch.tensor([0]))
