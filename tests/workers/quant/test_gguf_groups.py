@@ -414,7 +414,7 @@ def test_gq_portable_build_matches_the_simd_build(qtype):
     from shardserve.workers.device import cpu_gq, cpu_native
 
     simd = cpu_gq.library()
-    portable = cpu_gq.library((*cpu_native.FLAGS, "-mno-avx2", "-mno-fma"))
+    portable = cpu_gq.library((*cpu_native.FLAGS, "-mno-avx2", "-mno-fma", "-mno-f16c"))  # half_to_float too
     assert cpu_gq.simd(simd) == 256 and cpu_gq.simd(portable) == 0
     q, scale, zero, group, w = _pieces(qtype, 80, _k(qtype), seed=3)
     packed = cpu_gq.pack(q, scale, zero, group)
@@ -425,6 +425,9 @@ def test_gq_portable_build_matches_the_simd_build(qtype):
         lib.gq_matmul(x.data_ptr(), 6, y.data_ptr(), cpu_gq._struct(packed), 2)
         out[name] = y
     assert ((out["simd"] - out["portable"]).abs() <= 1e-5 * F.linear(x.abs(), w.abs()) + 1e-6).all()
+    ids, held = torch.arange(80), torch.empty(80, _k(qtype))
+    portable.gq_rows(ids.data_ptr(), 80, held.data_ptr(), cpu_gq._struct(packed), 1)
+    assert torch.equal(held, w)  # its own float16 conversion (no F16C) and decode, bit for bit
     assert ((out["simd"] - F.linear(x, w)).abs() <= _matmul_bound(x, w, F.linear(x, w), "gq")).all()
 
 
