@@ -26,9 +26,7 @@ class CpuOps(TorchOps):
     "gq" (cpu_gq.py): every integer type at its own width (4, 5, 6 or 8 bits a value) with its exact scales, one
     copy for a tied embedding and head, stacked MoE experts too; activations are held as int16 per 32 values (15
     bits of each chunk's largest: SmolLM2 Q4_1's logits at a mean KL of 9e-8 from fp32's, test_dense_vs_hf.py).
-    Memory per value:
-    Q4_0/Q4_1 0.56 bytes (0.56 and 0.63 in the file), Q5_0 0.69 (0.69), Q8_0 1.06 (1.06), Q4_K 0.75 (0.56: a
-    float32 scale and zero per 32, d * sc not being exact in float16), Q6_K 1.0 (0.82), Q3_K 0.75 (0.43), Q2_K 1.0 (0.33).
+    Its memory per value, type by type against the file, is in workers/quant/gguf.py's docstring.
 
     ATen's layouts (pack_groups with kernel "aten"; the kernel computes w = (u - 8) * s + z per group, u in 0..15):
     - "int4pack": values spanning 16 integers (Q4_0, Q4_1, Q4_K, TQ*): u = q + 8 with z = zero where q fits
