@@ -47,8 +47,41 @@ class AttentionMetadata:
         return self._window_masks[window]
 
 
+@dataclass
+class DecodeLayerSpec:
+    """A llama-family decoder layer as a table's fused decode path sees it (the model describes it: llama.py's
+    DecoderLayer.decode_spec): this rank's sizes and the tensors its torch forward reads. The path computes what
+    the layer's forward computes for one new token per sequence: RMSNorm (residual add), q/k/v product (+ bias),
+    optional per-head q/k RMSNorm, rotary, KV cache write, attention, o product; RMSNorm (residual add), gate/up
+    product, silu(gate) * up, down product. Every norm takes `eps`. Without gate_up and down (an MoE layer) the
+    path runs the attention only and the layer's module does its post-attention norm and MLP."""
+
+    hidden: int
+    heads: int  # this rank's query heads
+    kv_heads: int
+    head_dim: int
+    inter: int  # this rank's intermediate size
+    eps: float
+    scale: float
+    window: int | None
+    input_norm: torch.Tensor  # [hidden]
+    post_norm: torch.Tensor | None  # None with gate_up
+    q_norm: torch.Tensor | None  # [head_dim]
+    k_norm: torch.Tensor | None
+    qkv_bias: torch.Tensor | None  # [(heads + 2 kv_heads) head_dim]
+    qkv: object  # the weights, each as its linear method holds it (a GroupWeight where kept quantized)
+    o: object
+    gate_up: object | None
+    down: object | None
+
+
 class TorchOps(QuantOps):
     """Device-neutral torch ops (CPU, CUDA), the quantized matmuls (quant_ops.py) included."""
+
+    def fused_decoder(self, specs: list[DecodeLayerSpec]):
+        """A path that runs these layers' decode steps in fewer calls than their modules (cpu_decode.FusedDecoder),
+        or None where this table has none or it does not take these weights: the modules' forward then runs."""
+        return None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()

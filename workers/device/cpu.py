@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from shardserve.workers.device import cpu_fused, cpu_gq
-from shardserve.workers.device.base import AttentionMetadata, DeviceBackend, TorchOps
+from shardserve.workers.device import cpu_decode, cpu_fused, cpu_gq
+from shardserve.workers.device.base import AttentionMetadata, DecodeLayerSpec, DeviceBackend, TorchOps
 from shardserve.workers.device.quant_ops import GroupWeight, _dequantize_groups, narrowest_exact
 
 # ATen's CPU int4 kernels (torch >= 2.5): weight [N, K] in a blocked nibble layout, activations and
@@ -44,10 +44,12 @@ class CpuOps(TorchOps):
     dequantized weights, within the HF-vs-llama.cpp noise floor (tests/workers/quant/test_gguf_groups.py).
     """
 
-    def __init__(self, kernel: str = "auto"):
+    def __init__(self, kernel: str = "auto", fused_decode: bool = True):
+        """`fused_decode`: decode steps of gq-weighted llama-family models through cpu_decode.py (one C call a step
+        at TP = 1); off, they run the modules' forward (the reference the fused path is tested against)."""
         if kernel not in ("auto", "gq", "aten"):
             raise ValueError(f"kernel must be auto, gq or aten, not {kernel!r}")
-        self.kernel = kernel
+        self.kernel, self.fused_decode = kernel, fused_decode
 
     @property
     def gq(self) -> bool:
@@ -59,6 +61,12 @@ class CpuOps(TorchOps):
         if lib is None and self.kernel == "gq":
             raise RuntimeError("the CPU's C kernels (workers/device/kernels) did not build: see the log for the compiler's errors")
         return lib is not None and (self.kernel == "gq" or cpu_gq.simd(lib) > 0)
+
+    def fused_decoder(self, specs: list[DecodeLayerSpec]) -> cpu_decode.FusedDecoder | None:
+        lib = cpu_decode.library() if self.fused_decode and self.gq else None
+        if lib is None or not specs or not all(cpu_decode.takes(s) for s in specs):
+            return None
+        return cpu_decode.FusedDecoder(lib, specs)
 
     # ---- fused float32 decode ops (cpu_fused.py), torch's where they do not apply -------------------------------
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

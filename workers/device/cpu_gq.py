@@ -106,7 +106,7 @@ def _pack_rows(q: torch.Tensor, lo: int, bits: int) -> tuple[torch.Tensor, torch
     return nib, hb
 
 
-def _struct(w: GroupWeight) -> ctypes.Structure:
+def weight_struct(w: GroupWeight) -> ctypes.Structure:
     """w's gq_weight, made once, and again only when its buffers were replaced (a `.to()`): the cache holds a weak
     reference to the scale tensor it was made from, so it keeps no replaced tensor alive."""
     held = w.__dict__.get("_gq_struct")
@@ -132,7 +132,7 @@ def matmul(x: torch.Tensor, w: GroupWeight) -> torch.Tensor:
     _on_cpu(x, w.scale)
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], w.shape[-2], dtype=torch.float32)
-    library().gq_matmul(x.data_ptr(), x.shape[0], y.data_ptr(), _struct(w), torch.get_num_threads())
+    library().gq_matmul(x.data_ptr(), x.shape[0], y.data_ptr(), weight_struct(w), torch.get_num_threads())
     return y
 
 
@@ -143,7 +143,7 @@ def grouped_matmul(x: torch.Tensor, w: GroupWeight, group_counts: torch.Tensor) 
     x = x.float().contiguous()
     counts = group_counts.to(torch.int64).contiguous()
     y = torch.zeros(x.shape[0], w.shape[-2], dtype=torch.float32)
-    lib, ref = library(), _struct(w)
+    lib, ref = library(), weight_struct(w)
     lib.gq_grouped_matmul(x.data_ptr(), x.shape[0], y.data_ptr(), counts.data_ptr(), counts.numel(), ref, torch.get_num_threads())
     return y
 
@@ -153,7 +153,7 @@ def rows(w: GroupWeight, ids: torch.Tensor) -> torch.Tensor:
     _on_cpu(ids, w.scale)
     ids = ids.to(torch.int64).contiguous()
     out = torch.empty(ids.numel(), w.shape[-1], dtype=torch.float32)
-    library().gq_rows(ids.data_ptr(), ids.numel(), out.data_ptr(), _struct(w), torch.get_num_threads())
+    library().gq_rows(ids.data_ptr(), ids.numel(), out.data_ptr(), weight_struct(w), torch.get_num_threads())
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shardserve.workers.device.base import AttentionMetadata, TorchOps
+from shardserve.workers.device.base import AttentionMetadata, DecodeLayerSpec, TorchOps
 from shardserve.workers.distributed import TPGroup
 from shardserve.workers.layers.attention import Attention
 from shardserve.workers.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
@@ -58,6 +58,39 @@ class DecoderLayer(nn.Module):
         for m in (self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm):
             m.load(source)
 
+    def decode_spec(self) -> DecodeLayerSpec | None:
+        """This layer for a fused decode path, or None where its attention is not the plain shape the path computes
+        (a norm with a bias, a weight without a GroupWeight, a row-parallel bias). An MLP the path does not compute
+        (MoE, not SwiGLU) leaves gate_up and down None: the layer's own post-attention norm and MLP run it."""
+        attn, mlp = self.self_attn, self.mlp
+        norms = [self.input_layernorm] + [n for n in (attn.q_norm, attn.k_norm) if n is not None]
+        qkv, o = (lin.method.group_weight(lin) for lin in (attn.qkv, attn.o_proj))
+        if qkv is None or o is None or attn.o_proj.bias is not None:
+            return None
+        gate_up = down = None
+        if isinstance(mlp, MLP) and mlp.activation is torch.nn.functional.silu and self._plain(mlp):
+            gate_up, down = mlp.gate_up.method.group_weight(mlp.gate_up), mlp.down.method.group_weight(mlp.down)
+            if gate_up is not None and down is not None:
+                norms.append(self.post_attention_layernorm)
+            else:
+                gate_up = down = None
+        eps = self.input_layernorm.eps
+        if any(n.bias is not None or n.eps != eps for n in norms):
+            return None
+        return DecodeLayerSpec(
+            hidden=self.input_layernorm.size, heads=attn.num_heads, kv_heads=attn.num_kv_heads, head_dim=attn.head_dim,
+            inter=0 if down is None else mlp.down.spec.input_shard.length, eps=eps, scale=attn.scale,
+            window=attn.window, input_norm=self.input_layernorm.weight,
+            post_norm=None if down is None else self.post_attention_layernorm.weight,
+            q_norm=None if attn.q_norm is None else attn.q_norm.weight,
+            k_norm=None if attn.k_norm is None else attn.k_norm.weight,
+            qkv_bias=attn.qkv.bias, qkv=qkv, o=o, gate_up=gate_up, down=down,
+        )
+
+    @staticmethod
+    def _plain(mlp: MLP) -> bool:
+        return mlp.gate_up.bias is None and mlp.down.bias is None
+
     def forward(self, x, residual, cos_sin, kv_cache, meta):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
@@ -79,6 +112,7 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm("model.norm.weight", cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
         self.lm_head = ParallelLMHead("lm_head.weight", cfg.vocab_size, cfg.hidden_size, tp, dtype, quant, ops)
         self.rotary: RotaryEmbedding | None = None
+        self._decoder = None  # the op table's fused decode path for these layers (False: it has none), built at first use
 
     def load(self, source: CheckpointSource, progress=None) -> None:
         cfg = self.cfg
@@ -93,15 +127,34 @@ class DecoderModel(nn.Module):
     def kv_heads_local(self) -> int:
         return self.layers[0].self_attn.num_kv_heads
 
+    def _apply(self, fn, recurse=True):
+        self._decoder = None  # it points at the tensors `.to()` replaces
+        return super()._apply(fn, recurse)
+
+    def fused_decoder(self):
+        """The op table's fused decode path for every layer (TorchOps.fused_decoder), or None."""
+        if self._decoder is None:
+            specs = [layer.decode_spec() for layer in self.layers]
+            ops = self.layers[0].self_attn.ops
+            self._decoder = (None not in specs and ops.fused_decoder(specs)) or False
+        return self._decoder or None
+
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata):
         """ids, positions [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(ids)
         cos_sin = self.rotary.tables(positions)
-        residual = None
-        for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, cos_sin, kv, meta)
+        fused = self.fused_decoder().forward(x, cos_sin, kv_caches, meta, self.tp, self.layers) if self._decodes(meta) else None
+        if fused is not None:
+            x, residual = fused
+        else:
+            residual = None
+            for layer, kv in zip(self.layers, kv_caches):
+                x, residual = layer(x, residual, cos_sin, kv, meta)
         x, _ = self.norm(x, residual)
         return x
+
+    def _decodes(self, meta: AttentionMetadata) -> bool:
+        return meta.max_q == 1 and self.fused_decoder() is not None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """[S, hidden] -> fp32 logits [S, vocab] on rank 0, None elsewhere."""

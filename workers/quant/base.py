@@ -72,6 +72,11 @@ class LinearMethod(ABC):
     def reference_weight(self, layer: nn.Module) -> torch.Tensor:
         """The plain dequantized weight [N_local, K_local]."""
 
+    def group_weight(self, layer: nn.Module):
+        """The GroupWeight whose op-table product is all of apply but the bias (`layer.bias`), or None: what a
+        table's fused decode path (TorchOps.fused_decoder) may multiply by in the layer's place."""
+        return None
+
     def reference(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The test oracle for apply: x [T, K_local] -> [T, N_local] in plain fp32 torch. A scheme whose output
         depends on how activations are quantized (W8A8, W4A4, MX) overrides it to quantize x likewise."""

@@ -71,6 +71,9 @@ class GGUFLinearMethod(UnquantizedLinearMethod):
         y = layer.ops.group_matmul(x, layer.qweight)  # [T, K] -> [T, N]
         return y if layer.bias is None else y + layer.bias
 
+    def group_weight(self, layer: nn.Module):
+        return layer.qweight if layer.grouped else None
+
     def reference_weight(self, layer: nn.Module) -> torch.Tensor:
         """What the layer multiplies by: gguf-py's dequantize, up to the rounding the op table's layout states."""
         return layer.ops.group_dequantize(layer.qweight) if layer.grouped else super().reference_weight(layer)

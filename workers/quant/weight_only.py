@@ -164,6 +164,10 @@ class UnpackingLinearMethod(LinearMethod):
     def reference_weight(self, layer: nn.Module) -> torch.Tensor:
         return unpacked_weight(layer)
 
+    def group_weight(self, layer: nn.Module):
+        plain = layer.k_index is None and layer.k_slots == layer.k_in  # gather_input is then x itself
+        return layer.qweight if plain else None
+
 
 class UnpackingMoEMethod(MoEMethod):
     """Stacked experts of one scheme: per-expert checkpoint tensors stacked [E_local, ...] by the default load and

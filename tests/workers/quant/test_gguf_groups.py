@@ -422,11 +422,11 @@ def test_gq_portable_build_matches_the_simd_build(qtype):
     out = {}
     for name, lib in (("simd", simd), ("portable", portable)):
         y = torch.empty(6, 80)
-        lib.gq_matmul(x.data_ptr(), 6, y.data_ptr(), cpu_gq._struct(packed), 2)
+        lib.gq_matmul(x.data_ptr(), 6, y.data_ptr(), cpu_gq.weight_struct(packed), 2)
         out[name] = y
     assert ((out["simd"] - out["portable"]).abs() <= 1e-5 * F.linear(x.abs(), w.abs()) + 1e-6).all()
     ids, held = torch.arange(80), torch.empty(80, _k(qtype))
-    portable.gq_rows(ids.data_ptr(), 80, held.data_ptr(), cpu_gq._struct(packed), 1)
+    portable.gq_rows(ids.data_ptr(), 80, held.data_ptr(), cpu_gq.weight_struct(packed), 1)
     assert torch.equal(held, w)  # its own float16 conversion (no F16C) and decode, bit for bit
     assert ((out["simd"] - F.linear(x, w)).abs() <= _matmul_bound(x, w, F.linear(x, w), "gq")).all()
 
