@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shardserve.cluster.config import EngineConfig
+from shardserve.workers.channel import StepClient
 from shardserve.workers.device import RAY_RESOURCES
 from shardserve.workers.step import StepPlan, StepResult
 from shardserve.workers.worker import Worker
 
 logger = logging.getLogger(__name__)
-
-INLINE_PLAN_TOKENS = 4096  # token ids and block ids a plan carries inside each rank's call (tens of KB pickled)
-
 
 class WorkerDiedError(RuntimeError):
     """A worker of the replica died, raised or hung mid-step: the replica is rebuilt, its requests retried."""
@@ -38,6 +37,7 @@ class Replica:
         self.cfg, self.index, self.device = cfg, index, cfg.device
         self.worker_info: list[dict] = []  # what each rank reported after loading (pid, load time, format)
         self.workers: list = []
+        self.channels: list[StepClient] = []  # each rank's step channel, opened by init_cache
         self.node_id: str | None = None
         need = bundle(cfg, RAY_RESOURCES[cfg.device])
         # one node per TP group; Ray's scheduler puts each new group on the least used node that fits, so
@@ -85,7 +85,13 @@ class Replica:
         if num_blocks < 1:
             raise RuntimeError(f"replica {self.index}: no room for a single KV block; raise the KV cache size")
         self._get([w.init_cache.remote(num_blocks, self.cfg.block_size) for w in self.workers])
+        self.channels = [StepClient(address, key) for address, key in self._open_channels()]
         return num_blocks
+
+    def _open_channels(self) -> list:
+        """Each rank listens on its node's address (STRICT_PACK: all on the group's node), as gloo does."""
+        host = self._get([self.workers[0].node_ip.remote()])[0]
+        return self._get([w.open_step_channel.remote(host) for w in self.workers])
 
     def _get(self, refs: list) -> list:
         try:
@@ -104,13 +110,24 @@ class Replica:
             raise WorkerDiedError(f"replica {self.index}: {what} hung for {self.cfg.worker_timeout_s:.0f}s") from e
 
     async def execute(self, plan: StepPlan) -> StepResult:
-        """One step on every rank. A decode step's plan travels inside each call: a ray.put costs more than the plan
-        (a batch-1 round trip on 2 cores, one rank: 6.2 ms with one, 3.3 ms without); a large prefill plan goes
-        to the object store once, read by every rank. (A Ray Compiled Graph took the round trip to 0.6 ms, but its
-        channels' polling slowed the forward by more on 2 cores: 20.1 against 25.7 tok/s at batch 1.)"""
-        tokens = sum(len(s.token_ids) + len(s.block_table) for s in plan.seqs)
-        arg = plan if len(self.workers) == 1 or tokens <= INLINE_PLAN_TOKENS else ray.put(plan)
-        return (await self._gather([w.execute.remote(arg) for w in self.workers], "step"))[0]
+        """One step on every rank, over the step channels (workers/channel.py): the plan pickled once, sent to every
+        rank, rank 0's result returned. A rank whose channel closes (its process died) or whose step raised fails
+        the step at once; one silent past worker_timeout_s (hung, or blocked in a collective a dead peer never
+        joins) fails it then. Either raises WorkerDiedError."""
+        message = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+        calls = [asyncio.ensure_future(c.call(message)) for c in self.channels]
+        try:
+            done, _ = await asyncio.wait(calls, timeout=self.cfg.worker_timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+            for call in done:
+                if call.exception() is not None:
+                    raise WorkerDiedError(f"replica {self.index}: step failed on a worker: {call.exception()}")
+            if len(done) < len(calls):
+                raise WorkerDiedError(f"replica {self.index}: step hung for {self.cfg.worker_timeout_s:.0f}s")
+            return calls[0].result()
+        finally:
+            for call in calls:
+                call.cancel()  # a rank still waited on: stop watching its socket before anything closes it
+            await asyncio.gather(*calls, return_exceptions=True)
 
     async def ping(self) -> None:
         """Every rank answers (an idle replica's dead worker is found before a request meets it)."""
@@ -121,6 +138,9 @@ class Replica:
 
     def shutdown(self) -> None:
         """Kill the workers (a rank blocked in a collective included) and give back the placement group."""
+        for c in self.channels:
+            c.close()
+        self.channels = []
         for w in self.workers:
             ray.kill(w)
         self.workers = []

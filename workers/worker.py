@@ -8,9 +8,11 @@ import logging
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from shardserve.workers.channel import StepServer
 from shardserve.workers.device import get_backend
 from shardserve.workers.distributed import init_tp_group
 from shardserve.workers.loader import CheckpointError, CheckpointSource, open_checkpoint
@@ -47,6 +49,16 @@ def check_consumed(source: CheckpointSource, cfg: ModelConfig) -> None:
     )
 
 
+def _on_compute(method):
+    """Run the method on the worker's compute thread (Worker._compute) and wait for it."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        return self._compute.submit(method, self, *args, **kwargs).result()
+
+    return run
+
+
 class Worker:
     """One TP rank. Created as a Ray actor by cluster/replica.py; plain class so tests can run it in-process."""
 
@@ -69,6 +81,11 @@ class Worker:
         self.quantization = quantization
         self.model = None
         self.runner: ModelRunner | None = None
+        self._channel: StepServer | None = None
+        # every torch call of this rank on one thread (`_on_compute`): Ray's calls and the step channel's hand theirs
+        # over. OpenMP gives each thread that opens a parallel region its own pool, and libgomp's threads, more of
+        # them than cores, stop spinning between regions: a second such thread made a batch-1 step 7 -> 12 ms.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardserve-compute")
 
     def node_ip(self) -> str:
         import ray
@@ -82,10 +99,11 @@ class Worker:
             s.bind(("", 0))
             return s.getsockname()[1]
 
+    @_on_compute
     def init(self, master_addr: str, master_port: int, threads: int | None = None) -> dict:
         """Join the TP group and load this rank's shard; returns what was loaded."""
         if threads and self.backend.name == "cpu":
-            torch.set_num_threads(threads)
+            torch.set_num_threads(threads)  # per OS thread: this one runs every torch call of the rank
         self.device = self.backend.setup(0)
         tp = init_tp_group(self.backend.dist_backend, self.rank, self.tp_size, master_addr, master_port)
         t0 = time.perf_counter()
@@ -127,6 +145,7 @@ class Worker:
     def kv_cache_budget(self, mem_fraction_static: float, cpu_gb: float) -> int:
         return self.backend.kv_cache_budget(mem_fraction_static, cpu_gb)
 
+    @_on_compute
     def init_cache(self, num_blocks: int, block_size: int) -> int:
         shape = (num_blocks, block_size, self.model.kv_heads_local(), self.cfg.head_dim)
         caches = [
@@ -136,6 +155,7 @@ class Worker:
         self.runner = ModelRunner(self.model, caches, block_size, self.device)
         return num_blocks
 
+    @_on_compute
     def execute(self, plan: StepPlan) -> StepResult | None:
         t0 = time.perf_counter()
         result = self.runner.execute(plan)
@@ -143,6 +163,15 @@ class Worker:
             result.forward_s = time.perf_counter() - t0
         return result
 
+    def open_step_channel(self, host: str) -> tuple[tuple[str, int], bytes]:
+        """Listen for the replica's step channel (workers/channel.py) on `host`: its address and key. Each plan
+        that arrives runs through `execute` on the channel's thread."""
+        if self._channel is not None:
+            raise RuntimeError("this worker's step channel is open already: a replica drives it")
+        self._channel = StepServer(host, self.execute)
+        return self._channel.address, self._channel.key
+
+    @_on_compute
     def score(self, token_ids: list[int]):
         """Teacher-forced logits [T, vocab] (rank 0; None elsewhere): for evaluation and equivalence tests."""
         return self.runner.score(token_ids)
