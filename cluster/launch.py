@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 
 from shardserve.cluster.config import EngineConfig
-from shardserve.workers.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ def init_ray(cfg: EngineConfig) -> None:
 def cluster_device(requested: str) -> str:
     """'auto' against the cluster's resources (the driver may sit on a node without accelerators)."""
     if requested != "auto":
+        from shardserve.workers.device import resolve_device  # with torch: not before Ray starts
+
         return resolve_device(requested)
     resources = ray.cluster_resources()
     if resources.get("NPU", 0) > 0:
@@ -47,7 +49,8 @@ def cluster_device(requested: str) -> str:
 
 
 def build_replica(cfg: EngineConfig, tokenizer, index: int, model_cfg):
-    """Inside the router actor: create and load one replica, size its KV cache, make its engine core.
+    """Inside the router actor: create and load one replica, size its KV cache, make its engine core. `tokenizer`
+    may be a Future of it, waited for once the replica is loaded.
 
     A replica that fails to load gives back its workers and placement group before the error propagates."""
     from shardserve.cluster.replica import Replica
@@ -58,6 +61,8 @@ def build_replica(cfg: EngineConfig, tokenizer, index: int, model_cfg):
         replica.load()
         logger.info("replica %d loaded: %s", index, replica.worker_info)
         blocks = replica.init_cache(cfg.num_kv_blocks)
+        if isinstance(tokenizer, Future):  # the router's, read while this replica's workers started and loaded
+            tokenizer = tokenizer.result()
     except BaseException:
         replica.shutdown()
         raise
@@ -80,6 +85,15 @@ def serving_context(cfg: EngineConfig, model_cfg, num_blocks: int) -> int:
     return max_len
 
 
+def _checked_model_config(cfg: EngineConfig):
+    from shardserve.workers.loader import open_checkpoint
+    from shardserve.workers.models.config import check_tp
+
+    _, model_cfg = open_checkpoint(cfg.model_path)
+    check_tp(model_cfg, cfg.tp_size, cfg.enable_expert_parallel)  # a clear refusal here, not a failure inside a worker
+    return model_cfg
+
+
 def load_tokenizer(model_path: str):
     from shardserve.workers.loader.gguf_source import find_gguf_file
     from shardserve.workers.loader.tokenizer import Tokenizer
@@ -94,12 +108,14 @@ def start_router(cfg: EngineConfig, name: str | None = None, detached: bool = Fa
 
     A start that fails (a worker's load raises, no room to place) releases what it took before raising."""
     from shardserve.router.router import Router
-    from shardserve.workers.distributed import check_tp
-    from shardserve.workers.loader import open_checkpoint
 
-    _, model_cfg = open_checkpoint(cfg.model_path)
-    check_tp(model_cfg, cfg.tp_size, cfg.enable_expert_parallel)  # a clear refusal here, not a failure inside a worker
-    init_ray(cfg)
+    # The checkpoint's config is read (torch imported, the header parsed: ~2.5 s on 2 cores) while Ray starts, which
+    # mostly waits on the processes it spawns; ray.init stays on the main thread (the processes it starts die with
+    # the thread that started them).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        checked = pool.submit(_checked_model_config, cfg)
+        init_ray(cfg)
+        model_cfg = checked.result()
     cfg.device = cluster_device(cfg.device)
     # a named router lives in our namespace whichever job starts it (a Serve replica's is "serve")
     namespace = RAY_NAMESPACE if name else None

@@ -11,10 +11,10 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shardserve.cluster.config import EngineConfig
+from shardserve.workers.actor import Worker as WorkerActor
 from shardserve.workers.channel import StepClient
 from shardserve.workers.device import RAY_RESOURCES
 from shardserve.workers.step import StepPlan, StepResult
-from shardserve.workers.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Replica:
         opts = {"num_cpus": need["CPU"], "num_gpus": need.get("GPU", 0)}
         if "NPU" in need:
             opts["resources"] = {"NPU": need["NPU"]}
-        actor = ray.remote(Worker)
+        actor = ray.remote(WorkerActor)  # torch-free here: the worker's process imports the model code
         self.workers = [
             actor.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r), **opts

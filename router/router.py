@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from shardserve.router.affinity import RoutedPrefixes, choose
@@ -68,7 +69,10 @@ class Router:
 
     def __init__(self, cfg, build_replica, tokenizer_factory):
         self.cfg = cfg
-        self.tokenizer = tokenizer_factory(cfg.model_path)
+        # read while the first replica's workers start and load (they need no tokenizer): `tokenizer` waits for it
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardserve-tokenizer")
+        self._tokenizer = reader.submit(tokenizer_factory, cfg.model_path)
+        reader.shutdown(wait=False)  # the read runs on; its thread ends with it
         self._build = build_replica
         self.loops: list[_ReplicaLoop] = []
         self.streams: dict[str, asyncio.Queue] = {}
@@ -78,12 +82,16 @@ class Router:
         self.stats_failures = {"replica_failures": 0, "requests_retried": 0, "replica_rebuilds": 0}
         self.users: dict[str, str] = {}  # the ingress replicas sharing this engine (Ray Serve): actor name -> namespace
 
+    @property
+    def tokenizer(self):
+        return self._tokenizer.result()
+
     async def start(self) -> dict:
         """Create and load the replicas one by one, then start their step loops; a failure releases them all."""
         built = []
         try:
             for i in range(self.cfg.dp_size):
-                built.append(await self._run_blocking(self._build, self.cfg, self.tokenizer, i))
+                built.append(await self._run_blocking(self._build, self.cfg, self._tokenizer, i))
         except BaseException:
             for replica, _ in built:
                 replica.shutdown()

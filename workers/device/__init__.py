@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from shardserve.workers.device.base import AttentionMetadata, DeviceBackend, TorchOps
+if TYPE_CHECKING:
+    from shardserve.workers.device.base import DeviceBackend
 
 DEVICES = ("npu", "cuda", "cpu")
 # the Ray resource that places a worker of each device: what the router needs to know of a device, without
@@ -12,6 +14,15 @@ DEVICES = ("npu", "cuda", "cpu")
 RAY_RESOURCES = {"npu": "NPU", "cuda": "GPU", "cpu": "CPU"}
 
 __all__ = ["RAY_RESOURCES", "AttentionMetadata", "DeviceBackend", "TorchOps", "get_backend", "resolve_device"]
+
+
+def __getattr__(name: str):
+    """The op table's types, imported (with torch) on first use: RAY_RESOURCES alone needs no torch (the router)."""
+    if name in ("AttentionMetadata", "DeviceBackend", "TorchOps"):
+        from shardserve.workers.device import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _module(name: str):

@@ -6,15 +6,17 @@ import functools
 import glob
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from shardserve.workers.loader.source import CheckpointError, CheckpointSource
 from shardserve.workers.models.config import ModelConfig
+
+if TYPE_CHECKING:  # imported by the reads: opening a GGUF for its config (the driver) needs no torch
+    import torch
 
 # GGUF architecture name -> ours (and transformers' model_type)
 GGUF_ARCHITECTURES = {
@@ -250,6 +252,8 @@ class GGUFSource(CheckpointSource):
             values = data if qtype == GGMLQuantizationType.F32 else dequantize(np.ascontiguousarray(data), qtype)
         except (NotImplementedError, ValueError) as e:
             raise CheckpointError(self.file_of(name), name, f"cannot dequantize {qtype.name}: {e}") from e
+        import torch
+
         return torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy off the mmap
 
     def _row_order(self, name: str) -> np.ndarray | None:

@@ -6,8 +6,10 @@ import json
 import math
 import os
 import struct
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 from safetensors import safe_open
 
 from shardserve.workers.loader.source import CheckpointError, CheckpointSource

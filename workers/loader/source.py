@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the reads, not by opening a checkpoint (the driver reads only its config)
+    import torch
 
 
 class CheckpointError(ValueError):

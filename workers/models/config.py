@@ -99,3 +99,22 @@ def _rope_theta(cfg: dict[str, Any]) -> float:
 
 
 SUPPORTED_ARCHITECTURES = {"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"}
+
+
+def check_tp(cfg, tp_size: int, expert_parallel: bool = False) -> None:
+    """Refuse a tp_size the model cannot be split by, before any worker starts; names the valid sizes."""
+    def divisors(n: int) -> list[int]:
+        return [d for d in range(1, n + 1) if n % d == 0]
+
+    rules = [("num_attention_heads", cfg.num_heads), ("intermediate_size", cfg.intermediate_size)]
+    if cfg.is_moe:
+        rules.append(("num_experts", cfg.num_experts) if expert_parallel else ("moe_intermediate_size", cfg.moe_intermediate_size))
+    for name, n in rules:
+        if n and n % tp_size:
+            raise ValueError(
+                f"tp_size={tp_size} cannot split this {cfg.architecture} model: {name}={n} is not divisible by it; "
+                f"valid tp sizes for {name}: {divisors(n)}"
+            )
+    kv = cfg.num_kv_heads
+    if kv % tp_size and tp_size % kv:
+        raise ValueError(f"tp_size={tp_size} and num_key_value_heads={kv}: one must divide the other")
