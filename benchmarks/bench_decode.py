@@ -208,6 +208,71 @@ def run_llama_cpp(args: argparse.Namespace) -> EngineResult:
     return result
 
 
+def run_llama_cpp_batched(args: argparse.Namespace) -> EngineResult:
+    """llama.cpp's own batched decode (llama_decode over one batch holding every sequence, each its seq_id): what
+    llama-server's parallel slots run, without its HTTP (llama-server itself is not on PyPI)."""
+    import ctypes
+
+    import llama_cpp as L
+    import numpy as np
+
+    L.llama_backend_init()
+    model = L.llama_model_load_from_file(args.model_path.encode(), L.llama_model_default_params())
+    n_seq = max(args.concurrency, 1)
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_seq_max = 4096, 2048, n_seq
+    cp.n_threads = cp.n_threads_batch = args.threads
+    cp.kv_unified = True  # one cache all sequences share, as llama-server's slots do (--kv-unified)
+    ctx = L.llama_init_from_model(model, cp)
+    vocab = L.llama_model_get_vocab(model)
+    n_vocab = L.llama_vocab_n_tokens(vocab)
+    batch = L.llama_batch_init(2048, 0, n_seq)
+
+    def tokenize(text: str) -> list[int]:
+        raw = text.encode()
+        out = (L.llama_token * (len(raw) + 8))()
+        n = L.llama_tokenize(vocab, raw, len(raw), out, len(out), True, False)
+        return list(out[:n])
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> list[int]:
+        """entries (token, position, seq, wants logits) -> the greedy next token of each entry wanting logits."""
+        for i, (tok, pos, seq, want) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, want
+        batch.n_tokens = len(entries)
+        if L.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        picks = []
+        for i, (_, _, _, want) in enumerate(entries):
+            if want:
+                row = np.ctypeslib.as_array(ctypes.cast(L.llama_get_logits_ith(ctx, i), ctypes.POINTER(ctypes.c_float)),
+                                            shape=(n_vocab,))
+                picks.append(int(row.argmax()))
+        return picks
+
+    def run(prompts: list[str], max_tokens: int) -> int:
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        toks = [tokenize(p) for p in prompts]
+        entries = [(t, pos, s, pos == len(ids) - 1) for s, ids in enumerate(toks) for pos, t in enumerate(ids)]
+        nxt = decode(entries)  # every prompt in one batch, one logit row per sequence
+        pos = [len(ids) for ids in toks]
+        total = len(prompts)
+        for _ in range(max_tokens - 1):
+            nxt = decode([(t, pos[s], s, True) for s, t in enumerate(nxt)])
+            pos = [p + 1 for p in pos]
+            total += len(prompts)
+        return total
+
+    try:
+        result = bench_engine("llama.cpp-batched", run, args)
+    finally:
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+        L.llama_model_free(model)
+    result.notes.append("llama_decode with all sequences in one batch (llama-server's slots, no HTTP)")
+    return result
+
+
 def run_hf(args: argparse.Namespace) -> EngineResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -242,6 +307,7 @@ ENGINES = {
     "shardserve": run_shardserve,  # GGUF kept quantized (the default)
     "shardserve-dequantized": lambda args: run_shardserve(args, dequantize=True),  # --gguf-dequantize
     "llama.cpp": run_llama_cpp,
+    "llama.cpp-batched": run_llama_cpp_batched,
     "transformers": run_hf,
 }
 
@@ -252,7 +318,7 @@ ENGINES = {
 def ratios(results: dict[str, EngineResult]) -> dict[str, float]:
     out = {}
     ours = results.get("shardserve")
-    for peer in ("shardserve-dequantized", "llama.cpp", "transformers"):
+    for peer in ("shardserve-dequantized", "llama.cpp", "llama.cpp-batched", "transformers"):
         if ours is None or peer not in results:
             continue
         for kind in ("batch1", "concurrent"):
