@@ -61,6 +61,16 @@ class Timing:
     def e2e_tps(self) -> float:
         return self.tokens_full / self.t_full_s
 
+    @property
+    def ttft_ms(self) -> float:
+        """The 1-token run: prefill and the first token, per call (all sequences at once)."""
+        return self.t_first_s * 1e3
+
+    @property
+    def tpot_ms(self) -> float:
+        """Time per output token of one sequence while decoding (the decode steps' wall time over N)."""
+        return (self.t_full_s - self.t_first_s) / self.new_tokens * 1e3
+
 
 @dataclass
 class EngineResult:
@@ -75,7 +85,8 @@ class EngineResult:
         for name in ("batch1", "concurrent"):
             t = getattr(self, name)
             if t is not None:
-                out[name] = {**asdict(t), "decode_tps": t.decode_tps, "e2e_tps": t.e2e_tps}
+                out[name] = {**asdict(t), "decode_tps": t.decode_tps, "e2e_tps": t.e2e_tps, "ttft_ms": t.ttft_ms,
+                             "tpot_ms": t.tpot_ms}
         return out
 
 
@@ -330,7 +341,8 @@ def ratios(results: dict[str, EngineResult]) -> dict[str, float]:
 
 def table(results: dict[str, EngineResult], args: argparse.Namespace) -> str:
     c = args.concurrency
-    head = f"{'engine':<24}{'b1 decode':>11}{'b1 e2e':>9}{f'{c}x decode':>12}{f'{c}x e2e':>10}  notes"
+    head = (f"{'engine':<24}{'b1 decode':>11}{'b1 e2e':>9}{f'{c}x decode':>12}{f'{c}x e2e':>10}{'TTFT ms':>9}"
+            f"{'TPOT ms':>9}{f'{c}x TPOT':>9}  notes")
     lines = [
         f"tok/s, {args.threads} threads, batch-1: {args.new_tokens} decode tokens, "
         f"{c}-concurrent: {args.concurrent_tokens} decode tokens each",
@@ -340,7 +352,8 @@ def table(results: dict[str, EngineResult], args: argparse.Namespace) -> str:
     for r in results.values():
         b, k = r.batch1, r.concurrent
         lines.append(
-            f"{r.engine:<24}{b.decode_tps:>11.1f}{b.e2e_tps:>9.1f}{k.decode_tps:>12.1f}{k.e2e_tps:>10.1f}  "
+            f"{r.engine:<24}{b.decode_tps:>11.1f}{b.e2e_tps:>9.1f}{k.decode_tps:>12.1f}{k.e2e_tps:>10.1f}"
+            f"{b.ttft_ms:>9.1f}{b.tpot_ms:>9.2f}{k.tpot_ms:>9.2f}  "
             + "; ".join(r.notes)
         )
     lines += [f"{k:<56}{v:>7.2f}x" for k, v in ratios(results).items()]
