@@ -256,6 +256,21 @@ def test_group_matmul_matches_a_matmul_of_the_held_weight(table, qtype, rows):
     assert ((y - y_ref).abs() <= _matmul_bound(x, w, y_ref, packed.layout)).all()
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
+def test_gq_one_row_equals_that_row_in_a_batch(qtype):
+    """At batch 1 gq.c takes 4-6 bit weight rows two at a time (row_pair_avx2); its sums are the one-row path's,
+    operation for operation, so a lone activation row's product equals the same row's inside a batch (the tiled
+    path) bit for bit. 97 weight rows: 48 pairs and one row alone."""
+    from shardserve.workers.device import cpu_gq
+
+    q, scale, zero, group, _ = _pieces(qtype, 97, _k(qtype), seed=4)
+    packed = cpu_gq.pack(q, scale, zero, group)
+    x = torch.randn(3, _k(qtype))
+    batch = cpu_gq.matmul(x, packed)
+    for i in range(3):
+        assert torch.equal(cpu_gq.matmul(x[i : i + 1], packed), batch[i : i + 1])
+
+
 @pytest.mark.parametrize("table", ["reference", "cpu"])
 def test_stacked_experts_grouped_matmul_matches_per_expert(table):
     ops = TABLES[table]
