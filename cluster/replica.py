@@ -18,6 +18,7 @@ from shardserve.workers.step import StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
 
+
 class WorkerDiedError(RuntimeError):
     """A worker of the replica died, raised or hung mid-step: the replica is rebuilt, its requests retried."""
 

@@ -142,6 +142,7 @@ class Worker:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.cfg.num_layers * block_size * self.model.kv_heads_local() * self.cfg.head_dim * itemsize
 
+    @_on_compute  # a device's memory query on the thread that set the device (per thread on CUDA and NPU)
     def kv_cache_budget(self, mem_fraction_static: float, cpu_gb: float) -> int:
         return self.backend.kv_cache_budget(mem_fraction_static, cpu_gb)
 
