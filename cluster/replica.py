@@ -40,6 +40,7 @@ class Replica:
         self.workers: list = []
         self.channels: list[StepClient] = []  # each rank's step channel, opened by init_cache
         self.node_id: str | None = None
+        self.host: str | None = None  # the group's node address (rank 0's): gloo's master and the step channels'
         need = bundle(cfg, RAY_RESOURCES[cfg.device])
         # one node per TP group; Ray's scheduler puts each new group on the least used node that fits, so
         # replicas spread over nodes (tests/cluster/test_multinode.py: nodes that could each hold both)
@@ -69,10 +70,10 @@ class Replica:
 
     def load(self) -> list[dict]:
         """Join the process group and load every rank's shard (in parallel)."""
-        addr = self._get([self.workers[0].node_ip.remote()])[0]
+        self.host = self._get([self.workers[0].node_ip.remote()])[0]
         port = self._get([self.workers[0].free_port.remote()])[0]
         threads = self.cfg.threads_per_worker()
-        self.worker_info = self._get([w.init.remote(addr, port, threads) for w in self.workers])
+        self.worker_info = self._get([w.init.remote(self.host, port, threads) for w in self.workers])
         for info in self.worker_info:
             info["node_id"] = self.node_id  # STRICT_PACK: every rank on the group's node
         return self.worker_info
@@ -86,13 +87,10 @@ class Replica:
         if num_blocks < 1:
             raise RuntimeError(f"replica {self.index}: no room for a single KV block; raise the KV cache size")
         self._get([w.init_cache.remote(num_blocks, self.cfg.block_size) for w in self.workers])
-        self.channels = [StepClient(address, key) for address, key in self._open_channels()]
+        # each rank listens on the group's node address (STRICT_PACK: all on one node), as gloo does
+        opened = self._get([w.open_step_channel.remote(self.host) for w in self.workers])
+        self.channels = [StepClient(address, key) for address, key in opened]
         return num_blocks
-
-    def _open_channels(self) -> list:
-        """Each rank listens on its node's address (STRICT_PACK: all on the group's node), as gloo does."""
-        host = self._get([self.workers[0].node_ip.remote()])[0]
-        return self._get([w.open_step_channel.remote(host) for w in self.workers])
 
     def _get(self, refs: list) -> list:
         try:

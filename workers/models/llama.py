@@ -143,7 +143,8 @@ class DecoderModel(nn.Module):
         """ids, positions [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(ids)
         cos_sin = self.rotary.tables(positions)
-        fused = self.fused_decoder().forward(x, cos_sin, kv_caches, meta, self.tp, self.layers) if self._decodes(meta) else None
+        decoder = self.fused_decoder() if meta.max_q == 1 else None
+        fused = decoder.forward(x, cos_sin, kv_caches, meta, self.tp, self.layers) if decoder is not None else None
         if fused is not None:
             x, residual = fused
         else:
@@ -152,9 +153,6 @@ class DecoderModel(nn.Module):
                 x, residual = layer(x, residual, cos_sin, kv, meta)
         x, _ = self.norm(x, residual)
         return x
-
-    def _decodes(self, meta: AttentionMetadata) -> bool:
-        return meta.max_q == 1 and self.fused_decoder() is not None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """[S, hidden] -> fp32 logits [S, vocab] on rank 0, None elsewhere."""

@@ -129,9 +129,16 @@ def pack(layer: nn.Module, w: Unpacked) -> None:
 
 def gather_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x [T, K] -> [T, P * G] in the packed weight's slot order, zeros in the zero slots."""
+    if _input_as_is(layer):
+        return x
     if layer.k_index is None:
-        return x if layer.k_slots == layer.k_in else F.pad(x, (0, layer.k_slots - layer.k_in))
+        return F.pad(x, (0, layer.k_slots - layer.k_in))
     return F.pad(x, (0, 1)).index_select(-1, layer.k_gather)  # column K is the zero slot
+
+
+def _input_as_is(layer: nn.Module) -> bool:
+    """The packed weight's slots are x's columns in order (no permutation, no padding): gather_input is x."""
+    return layer.k_index is None and layer.k_slots == layer.k_in
 
 
 def unpacked_weight(layer: nn.Module) -> torch.Tensor:
@@ -165,8 +172,7 @@ class UnpackingLinearMethod(LinearMethod):
         return unpacked_weight(layer)
 
     def group_weight(self, layer: nn.Module):
-        plain = layer.k_index is None and layer.k_slots == layer.k_in  # gather_input is then x itself
-        return layer.qweight if plain else None
+        return layer.qweight if _input_as_is(layer) else None
 
 
 class UnpackingMoEMethod(MoEMethod):

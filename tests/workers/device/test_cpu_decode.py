@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shardserve.workers.device import cpu_decode
-from shardserve.workers.device.base import AttentionMetadata, DecodeLayerSpec
+from shardserve.workers.device.base import DecodeLayerSpec
 from shardserve.workers.device.cpu import CpuOps
 from shardserve.workers.distributed import TPGroup, init_tp_group
 from shardserve.workers.loader import open_checkpoint
@@ -29,6 +29,7 @@ from shardserve.workers.models import model_class
 from shardserve.workers.quant import detect
 from shardserve.workers.step import SeqStep
 from shardserve.workers.worker import Worker
+from tests.workers.device.test_cpu_fused import _decode_meta
 
 REF, FUSED = CpuOps(fused_decode=False), CpuOps()
 BLOCK = 16
@@ -56,18 +57,6 @@ def _spec(g: torch.Generator, qk_norm: bool, bias: bool, window: int | None, mlp
         qkv_bias=torch.randn(nqkv, generator=g) * 0.1 if bias else None,
         qkv=_gq(nqkv, H, g), o=_gq(H, heads * D, g, bits=8), gate_up=_gq(2 * inter, H, g) if mlp else None,
         down=_gq(H, inter, g, bits=6) if mlp else None,
-    )
-
-
-def _meta(context_lens: list[int], tables: list[list[int]]) -> AttentionMetadata:
-    B, max_k = len(context_lens), max(context_lens)
-    nb = -(-max_k // BLOCK)
-    padded = [t[:nb] + [0] * (nb - len(t[:nb])) for t in tables]
-    slots = [t[(c - 1) // BLOCK] * BLOCK + (c - 1) % BLOCK for t, c in zip(tables, context_lens)]
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots), block_tables=torch.tensor(padded), query_lens=torch.ones(B, dtype=torch.long),
-        context_lens=torch.tensor(context_lens), pad_index=torch.arange(B), attn_mask=torch.ones(B, 1, 1, max_k).bool(),
-        max_q=1, max_k=max_k, is_prefill=False,
     )
 
 
@@ -115,7 +104,7 @@ def test_two_layers_match_the_modules_ops(tp, qk_norm, bias, window, rotated):
     """Two layers (the first's residual is its input), three sequences of different lengths on scattered blocks."""
     g = torch.Generator().manual_seed(5)
     specs = [_spec(g, qk_norm, bias, window) for _ in range(2)]
-    meta = _meta([37, 3, 16], [[7, 2, 9], [4], [11]])
+    meta = _decode_meta([37, 3, 16], [[7, 2, 9], [4], [11]], BLOCK)
     angles = torch.rand(3, rotated // 2, generator=g) * 10
     cos_sin = (angles.cos(), angles.sin())
     x = torch.randn(3, 128, generator=g)
