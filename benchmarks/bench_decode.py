@@ -148,9 +148,11 @@ def run_shardserve(args: argparse.Namespace, dequantize: bool = False) -> Engine
     import ray
 
     from shardserve import LLM, SamplingParams
+    from shardserve.cluster.launch import LOCAL_RAY_SYSTEM_CONFIG
 
     # A private local Ray sized for one worker: joining another local cluster would share (or lack) its CPUs.
-    ray.init(num_cpus=max(args.threads, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(args.threads, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG)  # its workers at nice 0, as `shardserve serve`'s local Ray
     llm = LLM(
         args.model_path,
         tp_size=1,

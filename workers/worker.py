@@ -126,6 +126,7 @@ class Worker:
             "quantization": quant.name,
             "load_s": round(time.perf_counter() - t0, 2),
             "pid": os.getpid(),
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),  # of this compute thread (Ray's workers run at 15 unless told)
         }
 
     def _progress(self, done: int, total: int) -> None:

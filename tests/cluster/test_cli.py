@@ -61,3 +61,19 @@ def test_unsupported_flags_and_backends_are_refused_by_name(monkeypatch, capsys)
         with pytest.raises(SystemExit) as e:
             _parsed(monkeypatch, argv)
         assert e.value.code == 2 and said in capsys.readouterr().err, argv
+
+
+def test_a_local_ray_we_start_runs_its_workers_at_nice_0():
+    """Ray's workers start at nice 15 unless told (worker_niceness): on a small host the driver's and Ray's own
+    processes would preempt a rank's compute threads. init_ray's private local cluster runs them at nice 0."""
+    script = (
+        "import os, ray\n"
+        "from shardserve.cluster.config import EngineConfig\n"
+        "from shardserve.cluster.launch import init_ray\n"
+        "init_ray(EngineConfig(device='cpu'))\n"
+        "print('NICE', ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "NICE 0" in out.stdout.split("\n"), out.stdout

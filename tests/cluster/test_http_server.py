@@ -474,10 +474,14 @@ def test_chat_message_without_content_is_400_naming_it(http, messages, param):
 def test_multi_prompt_completion_batches_its_prompts(http):
     prompts, max_tokens = [f"Story number {i}:" for i in range(8)], 4
     _wait_idle(http, timeout_s=30)
-    before = _metrics(http)["shardserve_steps"]
+    before = _metrics(http)
     body = {"model": MODEL, "prompt": prompts, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     r = http.post("/v1/completions", json=body)
-    steps = _metrics(http)["shardserve_steps"] - before
+    after = _metrics(http)
+    steps = after["shardserve_steps"] - before["shardserve_steps"]
+    # the steps' time as the router waited for it, and rank 0's forward within it
+    waited, forward = (after[k] - before[k] for k in ("shardserve_step_seconds", "shardserve_forward_seconds"))
+    assert 0 < forward <= waited, (forward, waited)
     assert r.status_code == 200, r.text
     assert [c["index"] for c in r.json()["choices"]] == list(range(len(prompts)))
     assert r.json()["usage"]["completion_tokens"] == len(prompts) * max_tokens
