@@ -430,7 +430,7 @@ def test_gq_portable_build_matches_the_simd_build(qtype):
 
     simd = cpu_gq.library()
     portable = cpu_gq.library((*cpu_native.FLAGS, "-mno-avx2", "-mno-fma", "-mno-f16c"))  # half_to_float too
-    assert cpu_gq.simd(simd) == 256 and cpu_gq.simd(portable) == 0
+    assert cpu_gq.simd(simd) in (256, 512) and cpu_gq.simd(portable) == 0
     q, scale, zero, group, w = _pieces(qtype, 80, _k(qtype), seed=3)
     packed = cpu_gq.pack(q, scale, zero, group)
     x = torch.randn(6, _k(qtype))
@@ -444,6 +444,39 @@ def test_gq_portable_build_matches_the_simd_build(qtype):
     portable.gq_rows(ids.data_ptr(), 80, held.data_ptr(), cpu_gq.weight_struct(packed), 1)
     assert torch.equal(held, w)  # its own float16 conversion (no F16C) and decode, bit for bit
     assert ((out["simd"] - F.linear(x, w)).abs() <= _matmul_bound(x, w, F.linear(x, w), "gq")).all()
+
+
+def _cpu_has(*flags: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(flag in have for flag in flags)
+
+
+@pytest.mark.skipif(not _cpu_has("avx512f", "avx512bw", "avx512dq"), reason="this CPU has no AVX-512 BW/DQ")
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
+def test_gq_avx512_build_equals_the_avx2_build_bit_for_bit(qtype):
+    """At batch 1 the AVX-512 build multiplies 4-6 bit row pairs with 512-bit integer products and one register for
+    both rows' float steps (row_pair_avx512): lane for lane the AVX2 build's operations, so the same product bit
+    for bit, at batch 1 (the pairs, 97 rows: one left alone) and in a batch (the shared tiled path)."""
+    from shardserve.workers.device import cpu_gq, cpu_native
+
+    wide = cpu_gq.library()
+    avx2 = cpu_gq.library((*cpu_native.FLAGS, "-mno-avx512f"))
+    assert cpu_gq.simd(wide) == 512 and cpu_gq.simd(avx2) == 256
+    q, scale, zero, group, w = _pieces(qtype, 97, 2 * _k(qtype), seed=5)
+    packed = cpu_gq.pack(q, scale, zero, group)
+    for rows in (1, 5):
+        x = torch.randn(rows, 2 * _k(qtype))
+        out = {}
+        for name, lib in (("wide", wide), ("avx2", avx2)):
+            y = torch.empty(rows, 97)
+            lib.gq_matmul(x.data_ptr(), rows, y.data_ptr(), cpu_gq.weight_struct(packed), 2)
+            out[name] = y
+        assert torch.equal(out["wide"], out["avx2"]), rows
+        assert ((out["wide"] - F.linear(x, w)).abs() <= _matmul_bound(x, w, F.linear(x, w), "gq")).all()
 
 
 @pytest.mark.parametrize(("cc", "says"), [("/nonexistent/cc", "no C compiler"), ("false", "failed")])

@@ -304,11 +304,65 @@ static inline __attribute__((always_inline)) void row_pair_avx2(const gq_weight 
     out[1] = hsum(acc1);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+/* chunk c of a row's values as 32 int16 (k = 0..31), 4-6 bits: the 16 nibble bytes widened twice over, the second
+   copy shifted to its high nibbles, the bit planes added in under a mask */
+static inline __attribute__((always_inline)) __m512i chunk_words512(const uint8_t *nib, const uint8_t *hb, int64_t c,
+                                                                    const int BITS) {
+    const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1); /* 0 x16, 4 x16 */
+    const __m128i b = _mm_loadu_si128((const __m128i *)(nib + 16 * c));
+    __m512i u = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(b));
+    u = _mm512_and_si512(_mm512_srlv_epi16(u, shift), _mm512_set1_epi16(15));
+    for (int p = 0; p < (BITS >= 5) + (BITS == 6); p++) {
+        uint32_t word;
+        memcpy(&word, hb + 4 * (BITS - 4) * c + 4 * p, 4);
+        u = _mm512_mask_add_epi16(u, (__mmask32)word, u, _mm512_set1_epi16((short)(16 << p))); /* the bit is clear: + is | */
+    }
+    return u;
+}
+
+/* row_pair_avx2 with 512-bit integer products: each row's 32 products of a chunk in one madd (16 int32 lanes),
+   folded to row_pair_avx2's 8 lanes (lane l + lane l + 8: the same integers, exactly), and both rows' float steps
+   in one register (row n in lanes 0-7, n + 1 in 8-15), lane for lane row_pair_avx2's operations: the same sums,
+   bit for bit (tests/workers/quant/test_gguf_groups.py builds both and compares). */
+static inline __attribute__((always_inline)) void row_pair_avx512(const gq_weight *w, int64_t n, const quantized_x *qx,
+                                                                  int64_t m, float *out, const int BITS) {
+    const int64_t K = w->K, G = K / w->group, chunks = K / 32, per_group = w->group / 32;
+    const uint8_t *nib0 = w->nib + n * (K / 2), *nib1 = nib0 + K / 2;
+    const int64_t hb_row = BITS == 5 || BITS == 6 ? (K / 8) * (BITS - 4) : 0;
+    const uint8_t *hb0 = hb_row ? w->hb + n * hb_row : 0, *hb1 = hb_row ? hb0 + hb_row : 0;
+    const int16_t *xq = qx->xq + m * K;
+    const float *d = qx->d + m * chunks;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0, g = 0, left = per_group; c < chunks; c++) {
+        const __m512i x = _mm512_loadu_si512((const void *)(xq + 32 * c));
+        const __m512i p0 = _mm512_madd_epi16(chunk_words512(nib0, hb0, c, BITS), x); /* [16] int32 */
+        const __m512i p1 = _mm512_madd_epi16(chunk_words512(nib1, hb1, c, BITS), x);
+        const __m512i lo = _mm512_shuffle_i64x2(p0, p1, 0x44), hi = _mm512_shuffle_i64x2(p0, p1, 0xee);
+        const float s0 = load_scale(w->scale, w->sdtype, n * G + g) * d[c];
+        const float s1 = load_scale(w->scale, w->sdtype, (n + 1) * G + g) * d[c];
+        if (--left == 0) {
+            g++;
+            left = per_group;
+        }
+        const __m512 sd = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), sd, acc);
+    }
+    out[0] = hsum(_mm512_castps512_ps256(acc));
+    out[1] = hsum(_mm512_extractf32x8_ps(acc, 1));
+}
+#define ROW_PAIR row_pair_avx512
+#define SIMD_BITS 512
+#else
+#define ROW_PAIR row_pair_avx2
+#define SIMD_BITS 256
+#endif
+
 static void row_pair_simd(const gq_weight *w, int64_t n, const quantized_x *qx, int64_t m, float *out) {
     switch (w->bits) {
-    case 4: row_pair_avx2(w, n, qx, m, out, 4); break;
-    case 5: row_pair_avx2(w, n, qx, m, out, 5); break;
-    default: row_pair_avx2(w, n, qx, m, out, 6); break;
+    case 4: ROW_PAIR(w, n, qx, m, out, 4); break;
+    case 5: ROW_PAIR(w, n, qx, m, out, 5); break;
+    default: ROW_PAIR(w, n, qx, m, out, 6); break;
     }
 }
 
@@ -331,13 +385,14 @@ static void row_simd(const gq_weight *w, int64_t n, const quantized_x *qx, int64
     default: ROW_CASE(8, 1); break;
     }
 }
-#define SIMD 256
+#define SIMD SIMD_BITS
 #else
 #define row_simd row_generic
 #define SIMD 0
 #endif
 
-/* the vector width row_simd was built for: 256 (AVX2 + FMA) or 0 (portable C) */
+/* the vector width the products were built for: 512 (AVX2 + FMA, and AVX-512 BW/DQ for batch 1's row pairs), 256
+   (AVX2 + FMA) or 0 (portable C) */
 int gq_simd(void) { return SIMD; }
 
 static void matmul(const gq_weight *w, const float *x, int64_t M, float *y, int64_t ldy, int nthreads) {
