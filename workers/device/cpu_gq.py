@@ -50,7 +50,8 @@ def library(flags: tuple[str, ...] = cpu_native.FLAGS) -> ctypes.CDLL | None:
 
 
 def simd(lib: ctypes.CDLL) -> int:
-    """The vector width gq.c's products were built for: 256 (AVX2 + FMA) or 0 (portable C)."""
+    """The vector width gq.c's products were built for: 512 (AVX2 + FMA, AVX-512 BW/DQ for batch 1's row pairs),
+    256 (AVX2 + FMA) or 0 (portable C)."""
     lib.gq_simd.restype = ctypes.c_int
     return lib.gq_simd()
 

@@ -10,7 +10,8 @@ checkpoint's (GGUF: gguf_groups.py's q * scale + zero with q = u + lo). Storage 
   q8   [N, K] int8, bits 8: the values themselves (lo is then 0 and u signed);
   scale, zero [N, K/group] float32, float16 or bfloat16 (sdtype 0, 1, 2).
 The product holds each activation row per 32 values along K as int16, x ~ d xq (quantize_x), sums integer
-products exactly (AVX2: madd_epi16) and scales them:
+products exactly (AVX2: madd_epi16; batch 1's row pairs 512 bits wide where AVX-512 BW/DQ is, the same sums) and
+scales them:
   y[m, n] = sum_c d_c * sum_{g in c} s_g * dot_g(u_n, xq_m) + sum_g (lo s_g + z_g) * xs_g
 (c: chunks of 32, g: the weight's groups, xs_g = d_c * the group's sum of xq). Against x @ W^T on the dequantized
 weight it differs by the rounding of x to 15 bits of its chunk's largest value, and float32 rounding.
