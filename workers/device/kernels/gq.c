@@ -218,6 +218,12 @@ static inline __attribute__((always_inline)) void chunk_words(__m256i u, __m256i
     *u1 = BITS == 8 ? _mm256_cvtepi8_epi16(_mm256_extracti128_si256(u, 1)) : _mm256_cvtepu8_epi16(_mm256_extracti128_si256(u, 1));
 }
 
+/* row n's nibbles, and its bit planes (bits 5 and 6; else none), as the SIMD row functions read them */
+static inline const uint8_t *row_nib(const gq_weight *w, int64_t n) { return w->nib + n * (w->K / 2); }
+static inline const uint8_t *row_hb(const gq_weight *w, int64_t n, const int BITS) {
+    return BITS == 5 || BITS == 6 ? w->hb + n * (w->K / 8) * (BITS - 4) : 0;
+}
+
 static inline float hsum(__m256 a) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -231,8 +237,7 @@ static inline __attribute__((always_inline)) void row_avx2(const gq_weight *w, i
                                                            int64_t m0, const int mt, float *out, const int BITS,
                                                            const int GROUP16) {
     const int64_t K = w->K, G = K / w->group, chunks = K / 32, per_group = GROUP16 ? 1 : w->group / 32;
-    const uint8_t *nib = w->nib + n * (K / 2);
-    const uint8_t *hb = BITS == 5 || BITS == 6 ? w->hb + n * (K / 8) * (BITS - 4) : 0;
+    const uint8_t *nib = row_nib(w, n), *hb = row_hb(w, n, BITS);
     const int8_t *q8 = BITS == 8 ? w->q8 + n * K : 0;
     __m256 acc[MT];
     for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps();
@@ -276,9 +281,8 @@ static inline __attribute__((always_inline)) void row_avx2(const gq_weight *w, i
 static inline __attribute__((always_inline)) void row_pair_avx2(const gq_weight *w, int64_t n, const quantized_x *qx,
                                                                 int64_t m, float *out, const int BITS) {
     const int64_t K = w->K, G = K / w->group, chunks = K / 32, per_group = w->group / 32;
-    const uint8_t *nib0 = w->nib + n * (K / 2), *nib1 = nib0 + K / 2;
-    const int64_t hb_row = BITS == 5 || BITS == 6 ? (K / 8) * (BITS - 4) : 0;
-    const uint8_t *hb0 = hb_row ? w->hb + n * hb_row : 0, *hb1 = hb_row ? hb0 + hb_row : 0;
+    const uint8_t *nib0 = row_nib(w, n), *nib1 = row_nib(w, n + 1);
+    const uint8_t *hb0 = row_hb(w, n, BITS), *hb1 = row_hb(w, n + 1, BITS);
     const int8_t *q80 = BITS == 8 ? w->q8 + n * K : 0, *q81 = BITS == 8 ? q80 + K : 0;
     const int16_t *xq = qx->xq + m * K;
     const float *d = qx->d + m * chunks;
@@ -317,7 +321,8 @@ static inline __attribute__((always_inline)) __m512i chunk_words512(const uint8_
     for (int p = 0; p < (BITS >= 5) + (BITS == 6); p++) {
         uint32_t word;
         memcpy(&word, hb + 4 * (BITS - 4) * c + 4 * p, 4);
-        u = _mm512_mask_add_epi16(u, (__mmask32)word, u, _mm512_set1_epi16((short)(16 << p))); /* the bit is clear: + is | */
+        /* the bit is clear below: + is | */
+        u = _mm512_mask_add_epi16(u, (__mmask32)word, u, _mm512_set1_epi16((short)(16 << p)));
     }
     return u;
 }
@@ -329,9 +334,8 @@ static inline __attribute__((always_inline)) __m512i chunk_words512(const uint8_
 static inline __attribute__((always_inline)) void row_pair_avx512(const gq_weight *w, int64_t n, const quantized_x *qx,
                                                                   int64_t m, float *out, const int BITS) {
     const int64_t K = w->K, G = K / w->group, chunks = K / 32, per_group = w->group / 32;
-    const uint8_t *nib0 = w->nib + n * (K / 2), *nib1 = nib0 + K / 2;
-    const int64_t hb_row = BITS == 5 || BITS == 6 ? (K / 8) * (BITS - 4) : 0;
-    const uint8_t *hb0 = hb_row ? w->hb + n * hb_row : 0, *hb1 = hb_row ? hb0 + hb_row : 0;
+    const uint8_t *nib0 = row_nib(w, n), *nib1 = row_nib(w, n + 1);
+    const uint8_t *hb0 = row_hb(w, n, BITS), *hb1 = row_hb(w, n + 1, BITS);
     const int16_t *xq = qx->xq + m * K;
     const float *d = qx->d + m * chunks;
     __m512 acc = _mm512_setzero_ps();
