@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import httpx
+from bench_decode import step_split  # this directory: run as a script
 
 logger = logging.getLogger("bench_http")
 
@@ -186,25 +187,17 @@ async def run_round(base: str, model: str, prompts: list[str], max_tokens: int, 
 
 
 def step_counters(base: str) -> dict[str, float]:
-    """shardserve's /metrics step counters (steps, the router's wait for them, rank 0's forward); {} elsewhere."""
+    """shardserve's /metrics step counters, by the router stats' names bench_decode.step_split reads (steps, the
+    router's wait for them, rank 0's forward); {} elsewhere."""
     r = httpx.get(f"{base}/metrics")
-    names = {"shardserve_steps", "shardserve_step_seconds", "shardserve_forward_seconds"}
+    names = {"shardserve_steps": "steps", "shardserve_step_seconds": "step_seconds",
+             "shardserve_forward_seconds": "forward_seconds"}
     out = {}
     for line in r.text.splitlines() if r.status_code == 200 else ():
         name, _, value = line.partition(" ")
         if name in names:
-            out[name] = float(value)
+            out[names[name]] = float(value)
     return out if len(out) == len(names) else {}
-
-
-def step_split(before: dict, after: dict) -> dict:
-    """Mean step as the router waited for it: rank 0's forward and the rest (router, step channel, Ray)."""
-    if not before or not after:
-        return {}
-    steps = after["shardserve_steps"] - before["shardserve_steps"]
-    step = (after["shardserve_step_seconds"] - before["shardserve_step_seconds"]) / steps
-    forward = (after["shardserve_forward_seconds"] - before["shardserve_forward_seconds"]) / steps
-    return {"steps": steps, "step_ms": step * 1e3, "forward_ms": forward * 1e3, "protocol_ms": (step - forward) * 1e3}
 
 
 class Prompts:
@@ -237,8 +230,9 @@ def bench_server(engine: str, command: list[str], base: str, args: argparse.Name
         asyncio.run(run_round(base, model, prompts.take(2), 8, 2))  # warm-up: first-call allocations, pools
         before = step_counters(base)
         b1 = [asyncio.run(run_round(base, model, prompts.take(1), args.max_tokens, 1)) for _ in range(args.b1_requests)]
-        split = step_split(before, step_counters(base))
-        if split:
+        after = step_counters(base)
+        if before and after:
+            split = step_split(before, after)
             result.notes.append("b1: step {step_ms:.2f} ms = forward {forward_ms:.2f} + protocol {protocol_ms:.2f}"
                                 .format(**split))
         result.batch1 = Workload(len(b1), 1, args.max_tokens, sum(w.wall_s for w in b1), sum(w.tokens for w in b1),
@@ -286,6 +280,9 @@ def run_llama_server(args: argparse.Namespace) -> ServerResult:
     return result
 
 
+ENGINES = {"shardserve": run_shardserve, "llama-server": run_llama_server}
+
+
 def table(results: dict[str, ServerResult], args: argparse.Namespace) -> str:
     c = args.concurrency
     head = (f"{'engine':<16}{'ready s':>9}{'b1 tok/s':>10}{'b1 TTFT':>9}{'b1 TPOT':>9}{f'{c}x tok/s':>11}"
@@ -316,8 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--b1-requests", type=int, default=3, help="batch-1 requests, one after another")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server") or "",
                    help="llama.cpp's llama-server binary (default: $LLAMA_SERVER, else on PATH)")
-    p.add_argument("--engines", nargs="+", default=["shardserve", "llama-server"],
-                   choices=["shardserve", "llama-server"])
+    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
     args.model_path = args.model_path or default_model_path()
@@ -330,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     load_start = os.getloadavg()[0]
     results = {}
     for name in args.engines:
-        results[name] = (run_shardserve if name == "shardserve" else run_llama_server)(args)
+        results[name] = ENGINES[name](args)
     report = {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_avg_1m_start": load_start,
                     "load_avg_1m_end": os.getloadavg()[0]},
