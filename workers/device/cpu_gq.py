@@ -3,9 +3,10 @@
 ATen's CPU int4 kernel (cpu.py's fallback) takes 4-bit values with bf16 scales only and rounds activations and
 outputs to bf16. gq.c takes 4-, 5-, 6- and 8-bit values with their exact scales (float16 where GGUF's are, else
 float32), so a Q5_0 or Q6_K layer is held at its own width, one copy serves a tied embedding and head, and stacked
-MoE experts multiply in place. It sums integer products (AVX2's madd_epi16) over activations held as int16 per 32
-values, 15 bits of each chunk's largest value: a product differs from a float32 matmul of gguf-py's values by about
-1e-5 of |x| @ |w|.T (gq.c's header). At batch 1 it runs at about ATen's speed here. cpu_native.py builds it.
+MoE experts multiply in place. Rows are held in blocks of 16, a pair of values of each row side by side, so that one
+integer multiply-add (AVX-512 VNNI's dpwssd, or AVX2's madd_epi16) advances 16 rows; it sums integer products
+exactly over activations held as int16 per 32 values, 15 bits of each chunk's largest value: a product differs
+from a float32 matmul of gguf-py's values by about 1e-5 of |x| @ |w|.T (gq.c's header). cpu_native.py builds it.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def library(flags: tuple[str, ...] = cpu_native.FLAGS) -> ctypes.CDLL | None:
 
 
 def simd(lib: ctypes.CDLL) -> int:
-    """The vector width gq.c's products were built for: 512 (AVX2 + FMA, AVX-512 BW/DQ for batch 1's row pairs),
-    256 (AVX2 + FMA) or 0 (portable C)."""
+    """The vector width gq.c's products were built for: 512 (AVX-512 BW/DQ and FMA), 256 (AVX2 + FMA) or 0
+    (portable C)."""
     lib.gq_simd.restype = ctypes.c_int
     return lib.gq_simd()
 
@@ -67,44 +68,73 @@ def fits(q: torch.Tensor, group: int) -> bool:
     return K % 32 == 0 and (group == 16 or group % 32 == 0) and K % group == 0
 
 
-_PACK_ROWS = 4096  # rows packed at a time, so that the temporaries stay a chunk's size (a vocabulary is large)
+_PACK_ROWS = 4096  # rows packed at a time (whole blocks), so that the temporaries stay a chunk's size
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> GroupWeight:
-    """q int8 [..., N, K], scale/zero float32 [..., N, K/group] -> the "gq" layout (gq.c's header)."""
-    shape, K = tuple(q.shape), q.shape[-1]
+    """q int8 [..., N, K], scale/zero float32 [..., N, K/group] -> the "gq" layout (gq.c's header): rows in blocks
+    of 16, N padded to whole blocks (stacked experts each), every tensor [..., padded N, ...] in the blocks' order."""
+    shape = tuple(q.shape)
     lo, hi = int(q.min()), int(q.max())
     bits = width(lo, hi)
-    tensors = {"scale": narrowest_exact(scale).contiguous()}
+    lo = 0 if bits == 8 else lo
+    s = narrowest_exact(scale)
     if zero is not None:
-        tensors["zero"] = narrowest_exact(zero).to(tensors["scale"].dtype).contiguous()
-        tensors["scale"] = tensors["scale"].to(tensors["zero"].dtype)  # one dtype for both (the kernel's sdtype)
-    if bits == 8:
-        return GroupWeight("gq", shape, group, bits=8, q8=q.to(torch.int8).contiguous(), **tensors)
-    rows = q.reshape(-1, K)
-    nib = torch.empty(rows.shape[0], K // 2, dtype=torch.uint8)
-    hb = torch.empty(rows.shape[0], K // 8 * (bits - 4), dtype=torch.uint8)
+        z = narrowest_exact(zero).to(s.dtype)
+        s = s.to(z.dtype)  # one dtype for both (the kernel's sdtype)
+    rows = _blocks(q, fill=lo)  # [R, K], R a multiple of TILE (padded rows' u 0)
+    tensors = {"scale": _tile_groups(_blocks(s)).view(*shape[:-2], -1, s.shape[-1])}
+    if zero is not None:
+        tensors["zero"] = _tile_groups(_blocks(z)).view(*shape[:-2], -1, z.shape[-1])
+    names = ("q8",) if bits == 8 else ("nib", "hb") if bits > 4 else ("nib",)
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, rows.shape[0], _PACK_ROWS):
-        part = slice(start, start + _PACK_ROWS)
-        nib[part], hb[part] = _pack_rows(rows[part], lo, bits)
-    tensors["nib"] = nib.view(*shape[:-1], K // 2)
-    if bits > 4:
-        tensors["hb"] = hb.view(*shape[:-1], -1)
+        for name, t in zip(names, _pack_blocks(rows[start : start + _PACK_ROWS].to(torch.int16) - lo, bits)):
+            parts[name].append(t)
+    for name in names:
+        tensors[name] = torch.cat(parts[name]).view(*shape[:-2], -1, parts[name][0].shape[-1])
     return GroupWeight("gq", shape, group, bits=bits, lo=lo, **tensors)
 
 
+TILE = 16  # gq.c's rows per block
+
+
+def _blocks(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
+    """[..., N, C] -> [R, C]: each matrix's rows padded with `fill` to whole blocks."""
+    pad = -t.shape[-2] % TILE
+    if pad:
+        t = torch.cat([t, t.new_full((*t.shape[:-2], pad, t.shape[-1]), fill)], dim=-2)
+    return t.reshape(-1, t.shape[-1])
+
+
+def _tile_groups(s: torch.Tensor) -> torch.Tensor:
+    """[R, G] -> [R/16, G, 16]: a group's 16 rows of a block side by side, flat as [R, G]."""
+    R, G = s.shape
+    return s.view(R // TILE, TILE, G).transpose(1, 2).contiguous().view(R, G)
+
+
+def _pack_blocks(u: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """[R, K] values (u = q - lo, int16; R whole blocks) -> gq.c's tiles of them, each [R, bytes a row]: (q8,) for 8
+    bits, else (nib,) and for 5 and 6 bits (nib, hb). Pair p of chunk c: lane j = 2r + (k & 1) of the block's row r."""
+    R, K = u.shape
+    B, C = R // TILE, K // 32
+    lanes = u.view(B, TILE, C, 16, 2).permute(0, 2, 3, 1, 4)  # [B, C, pair, r, parity]: a pair's 32 lanes in order
+    if bits == 8:
+        return (lanes.to(torch.int8).reshape(R, K),)
+    nibbles = (lanes & 15).to(torch.uint8).reshape(B, C, 4, 4, 2 * TILE)  # [B, C, group t, q, lane]: pair 4t + q
+    low = nibbles[:, :, :, 0] | nibbles[:, :, :, 1] << 4  # each lane's uint16, little-endian: q 0-1, then 2-3
+    high = nibbles[:, :, :, 2] | nibbles[:, :, :, 3] << 4
+    nib = torch.stack([low, high], dim=-1).reshape(R, K // 2)
+    if bits == 4:
+        return (nib,)
+    planes = []
+    for p in range(bits - 4):  # bit p' of a lane: bit 4 + p of its value in pair p'
+        bit = ((lanes >> (4 + p)) & 1).to(torch.uint8).reshape(B, C, 2, 8, 2 * TILE)  # [B, C, byte, pair % 8, lane]
+        planes.append((bit * _BIT_WEIGHTS.view(8, 1)).sum(3, dtype=torch.uint8).transpose(-1, -2))  # [B, C, lane, byte]
+    return nib, torch.stack(planes, dim=2).reshape(R, K // 8 * (bits - 4))
+
+
 _BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
-
-
-def _pack_rows(q: torch.Tensor, lo: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, K] int8 -> nib [R, K/2] and hb [R, K/8 * (bits - 4)] (gq.c's header), u = q - lo."""
-    R, K = q.shape
-    u = (q.to(torch.int16) - lo).to(torch.uint8).view(R, K // 32, 2, 16)
-    nib = ((u[..., 0, :] & 15) | ((u[..., 1, :] & 15) << 4)).view(R, K // 2)
-    planes = [((u >> (4 + p)) & 1).view(R, K // 32, 4, 8) for p in range(bits - 4)]  # bit j of word: value j
-    words = [(plane * _BIT_WEIGHTS).sum(-1, dtype=torch.uint8) for plane in planes]  # [R, K/32, 4] bytes each
-    hb = torch.stack(words, dim=-2).view(R, -1) if words else torch.empty(R, 0, dtype=torch.uint8)  # [R, K/32, P, 4]
-    return nib, hb
 
 
 def weight_struct(w: GroupWeight) -> ctypes.Structure:
@@ -159,8 +189,11 @@ def rows(w: GroupWeight, ids: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(w: GroupWeight) -> torch.Tensor:
-    """The effective weight float32 [..., N, K]: stacked experts row by row as one [E * N, K] matrix."""
-    flat = GroupWeight("gq", (math.prod(w.shape[:-1]), w.shape[-1]), w.group, w.bits, w.lo)
+    """The effective weight float32 [..., N, K]: stacked experts read as one matrix of their padded rows."""
+    N, K = w.shape[-2:]
+    experts, padded = math.prod(w.shape[:-2]), N + -N % TILE
+    flat = GroupWeight("gq", (experts * padded, K), w.group, w.bits, w.lo)
     for name, t in w.named_buffers():
         flat.register_buffer(name, t, persistent=False)
-    return rows(flat, torch.arange(flat.shape[0])).view(*w.shape)
+    ids = (torch.arange(experts)[:, None] * padded + torch.arange(N)).flatten()
+    return rows(flat, ids).view(*w.shape)

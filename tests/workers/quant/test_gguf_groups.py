@@ -258,23 +258,25 @@ def test_group_matmul_matches_a_matmul_of_the_held_weight(table, qtype, rows):
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
 def test_gq_one_row_equals_that_row_in_a_batch(qtype):
-    """At batch 1 gq.c takes 4-6 bit weight rows two at a time (row_pair_avx2); its sums are the one-row path's,
-    operation for operation, so a lone activation row's product equals the same row's inside a batch (the tiled
-    path) bit for bit. 97 weight rows: 48 pairs and one row alone."""
+    """gq.c sums a row's products in one order at any batch size (tiles of 8, 4, 2 or 1 activation rows, their
+    integer sums split over 1, 2 or 4 registers: the same integers), so a lone activation row's product equals the
+    same row's inside a batch bit for bit. 97 weight rows: six blocks of 16 and one padded block of a row; 15
+    activation rows: tiles of 8, 4, 2 and 1."""
     from shardserve.workers.device import cpu_gq
 
     q, scale, zero, group, _ = _pieces(qtype, 97, _k(qtype), seed=4)
     packed = cpu_gq.pack(q, scale, zero, group)
-    x = torch.randn(3, _k(qtype))
+    x = torch.randn(15, _k(qtype))
     batch = cpu_gq.matmul(x, packed)
-    for i in range(3):
+    for i in range(15):
         assert torch.equal(cpu_gq.matmul(x[i : i + 1], packed), batch[i : i + 1])
 
 
 @pytest.mark.parametrize("table", ["reference", "cpu"])
-def test_stacked_experts_grouped_matmul_matches_per_expert(table):
+@pytest.mark.parametrize("N", [32, 24])  # 24: gq pads each expert to whole blocks of 16 rows
+def test_stacked_experts_grouped_matmul_matches_per_expert(table, N):
     ops = TABLES[table]
-    E, N, K = 3, 32, 256
+    E, K = 3, 256
     g = decode(T.Q4_K, random_blocks(T.Q4_K, E * N, K).reshape(E, N, -1))
     assert g.q.shape == (E, N, K) and g.scale.shape == (E, N, K // 32)
     w = ops.pack_groups(torch.from_numpy(g.q), torch.from_numpy(g.scale), torch.from_numpy(g.zero), g.group)
@@ -457,26 +459,29 @@ def _cpu_has(*flags: str) -> bool:
 
 @pytest.mark.skipif(not _cpu_has("avx512f", "avx512bw", "avx512dq"), reason="this CPU has no AVX-512 BW/DQ")
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
-def test_gq_avx512_build_equals_the_avx2_build_bit_for_bit(qtype):
-    """At batch 1 the AVX-512 build multiplies 4-6 bit row pairs with 512-bit integer products and one register for
-    both rows' float steps (row_pair_avx512): lane for lane the AVX2 build's operations, so the same product bit
-    for bit, at batch 1 (the pairs, 97 rows: one left alone) and in a batch (the shared tiled path)."""
+def test_gq_avx512_build_equals_the_avx2_builds_bit_for_bit(qtype):
+    """The AVX-512 build takes a block's 16 rows in one register, the AVX2 build in two of 8, with or without VNNI's
+    dpwssd (madd_epi16 and an add where a CPU lacks it): lane for lane the same operations, so the same product bit
+    for bit, at batch 1 and in a batch (97 rows: the last block padded)."""
     from shardserve.workers.device import cpu_gq, cpu_native
 
-    wide = cpu_gq.library()
-    avx2 = cpu_gq.library((*cpu_native.FLAGS, "-mno-avx512f"))
-    assert cpu_gq.simd(wide) == 512 and cpu_gq.simd(avx2) == 256
+    builds = {
+        "avx512": cpu_gq.library(),
+        "avx2": cpu_gq.library((*cpu_native.FLAGS, "-mno-avx512f")),
+        "avx2-no-vnni": cpu_gq.library((*cpu_native.FLAGS, "-mno-avx512f", "-mno-avxvnni")),
+    }
+    assert [cpu_gq.simd(lib) for lib in builds.values()] == [512, 256, 256]
     q, scale, zero, group, w = _pieces(qtype, 97, 2 * _k(qtype), seed=5)
     packed = cpu_gq.pack(q, scale, zero, group)
     for rows in (1, 5):
         x = torch.randn(rows, 2 * _k(qtype))
         out = {}
-        for name, lib in (("wide", wide), ("avx2", avx2)):
+        for name, lib in builds.items():
             y = torch.empty(rows, 97)
             lib.gq_matmul(x.data_ptr(), rows, y.data_ptr(), cpu_gq.weight_struct(packed), 2)
             out[name] = y
-        assert torch.equal(out["wide"], out["avx2"]), rows
-        assert ((out["wide"] - F.linear(x, w)).abs() <= _matmul_bound(x, w, F.linear(x, w), "gq")).all()
+        assert torch.equal(out["avx512"], out["avx2"]) and torch.equal(out["avx512"], out["avx2-no-vnni"]), rows
+        assert ((out["avx512"] - F.linear(x, w)).abs() <= _matmul_bound(x, w, F.linear(x, w), "gq")).all()
 
 
 @pytest.mark.parametrize(("cc", "says"), [("/nonexistent/cc", "no C compiler"), ("false", "failed")])
