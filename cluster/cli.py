@@ -4,10 +4,11 @@ serve-config (the Ray Serve config of serve's flags). Flags follow SGLang's laun
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
+import signal
 import sys
+import threading
 
 from shardserve.cluster.config import EngineConfig
 from shardserve.cluster.serve_config import print_serve_config
@@ -65,48 +66,75 @@ def _config(args: argparse.Namespace) -> EngineConfig:
 
 
 def serve(args: argparse.Namespace) -> None:
+    """The router actor on this node serves the HTTP app from its own process (a token reaches its client with no
+    Ray hop); this process watches it. SIGINT/SIGTERM: the server stops accepting and lets the requests in flight
+    finish (within --shutdown-grace-s), then the router releases the workers and placement groups, so a shared
+    cluster keeps nothing of ours."""
     import ray
-    import uvicorn
 
     from shardserve.cluster.launch import start_router
-    from shardserve.cluster.server import create_app
+    from shardserve.cluster.server import HttpOptions
 
     cfg = _config(args)
     if args.ray_serve:
         return _serve_on_ray_serve(cfg, args)
-    router, info = start_router(cfg, name="shardserve-router")
-    logging.getLogger("shardserve").info("serving %s on http://%s:%d (%s)", cfg.model_name, args.host, args.port, info)
-    app = create_app(router, cfg.model_name, args.api_key, max_body_bytes=args.max_body_bytes,
-                     metrics_auth=args.enable_metrics_auth)
+    log = logging.getLogger("shardserve")
+    router, info = start_router(cfg, name="shardserve-router", here=True)
+    # a signal stops the server at once (from the handler: the main thread's wait below lets it run promptly)
+    stop = _stop_on_signals(lambda: router.stop_http.remote())
+    options = HttpOptions(args.host, args.port, cfg.model_name, args.api_key, args.max_body_bytes,
+                          args.enable_metrics_auth, args.shutdown_grace_s)
+    try:
+        ray.get(router.serve_http.remote(options))
+    except ray.exceptions.RayTaskError as e:  # the port is taken, say: the cause itself, after releasing the workers
+        _release(router)
+        raise e.as_instanceof_cause() from None
+    log.info("serving %s on http://%s:%d (%s)", cfg.model_name, args.host, args.port, info)
+    ended = router.wait_http.remote()
+    gone = threading.Event()  # the server stopped by itself: its router actor died, or the server failed
+    threading.Thread(target=lambda: (ray.wait([ended]), gone.set()), daemon=True, name="shardserve-watch").start()
+    while not stop.wait(0.2) and not gone.is_set():
+        pass
+    if not stop.is_set():
+        ray.get(ended)  # raises why
+        raise SystemExit("the HTTP server stopped")
+    ray.get(router.stop_http.remote())  # again, should the signal have come before the server started
+    log.info("drained; releasing the workers")
+    _release(router)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_):
-        yield
-        # SIGTERM: uvicorn has stopped accepting and let the requests in flight finish (within the grace
-        # period); the router releases the workers and placement groups, so a shared cluster keeps nothing of ours
-        logging.getLogger("shardserve").info("drained; releasing the workers")
-        await router.shutdown.remote()
-        ray.kill(router)
 
-    app.router.lifespan_context = lifespan
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.shutdown_grace_s)
+def _stop_on_signals(then=None) -> threading.Event:
+    """An Event set by SIGINT or SIGTERM (installed after Ray's start, whose core installs its own); `then()` runs
+    in the handler at the first signal."""
+    stop = threading.Event()
+
+    def handle(*_) -> None:
+        if not stop.is_set() and then is not None:
+            then()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handle)
+    return stop
+
+
+def _release(router) -> None:
+    import ray
+
+    ray.get(router.shutdown.remote())
+    ray.kill(router)
 
 
 def _serve_on_ray_serve(cfg: EngineConfig, args: argparse.Namespace) -> None:
     """The same app as a Ray Serve deployment (cluster/serve_app.py) with Serve's HTTP proxy on --host/--port;
     runs until SIGINT/SIGTERM, then deletes the application (its engine with it)."""
-    import signal
-    import threading
-
     from ray import serve
 
     from shardserve.cluster.launch import init_ray
     from shardserve.cluster.serve_app import IngressOptions, OpenAIIngress
 
     init_ray(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start (whose core installs its own), before serving
-        signal.signal(sig, lambda *_: stop.set())
+    stop = _stop_on_signals()
     options = IngressOptions(args.api_key, args.max_body_bytes, args.enable_metrics_auth, args.ingress_replicas)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(OpenAIIngress.options(num_replicas=options.ingress_replicas).bind(cfg, options), name=options.app_name,

@@ -107,9 +107,10 @@ def load_tokenizer(model_path: str):
     return Tokenizer.from_gguf(gguf_file) if gguf_file else Tokenizer.from_hf_dir(model_path)
 
 
-def start_router(cfg: EngineConfig, name: str | None = None, detached: bool = False):
+def start_router(cfg: EngineConfig, name: str | None = None, detached: bool = False, here: bool = False):
     """The router actor (no resources of its own), started and loaded; returns (handle, info). `detached`: it
     outlives the process that starts it (Serve's ingress replicas share it; the last to leave shuts it down).
+    `here`: on this process's node (it serves HTTP there, where the caller was asked to listen).
 
     A start that fails (a worker's load raises, no room to place) releases what it took before raising."""
     from shardserve.router.router import Router
@@ -123,8 +124,13 @@ def start_router(cfg: EngineConfig, name: str | None = None, detached: bool = Fa
     cfg.device = cluster_device(cfg.device)
     # a named router lives in our namespace whichever job starts it (a Serve replica's is "serve")
     namespace = RAY_NAMESPACE if name else None
+    placement = {}
+    if here:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(Router).options(num_cpus=0, name=name, namespace=namespace, max_concurrency=1000,
-                                       lifetime="detached" if detached else None)
+                                       lifetime="detached" if detached else None, **placement)
     # the model config read above travels with the builder: the router need not parse the checkpoint again
     router = actor.remote(cfg, functools.partial(build_replica, model_cfg=model_cfg), load_tokenizer)
     try:

@@ -81,6 +81,7 @@ class Router:
         self.info: dict = {}
         self.stats_failures = {"replica_failures": 0, "requests_retried": 0, "replica_rebuilds": 0}
         self.users: dict[str, str] = {}  # the ingress replicas sharing this engine (Ray Serve): actor name -> namespace
+        self._http = None  # serve_http's server
 
     @property
     def tokenizer(self):
@@ -334,6 +335,25 @@ class Router:
         loop = min(self._serving(), key=lambda lp: len(lp.core.requests))
         async with loop.lock:
             return await loop.replica.score(token_ids)
+
+    # ---- the HTTP server, in this process (`shardserve serve`) --------------------------------
+    async def serve_http(self, options) -> None:
+        """Serve the OpenAI-compatible app (cluster/server.py) from this actor's process and event loop, over this
+        object itself: no Ray call between a request and its engine. Returns once it accepts connections."""
+        from shardserve.cluster.server import InProcessServer
+
+        server = InProcessServer(self, options)
+        await server.start()
+        self._http = server
+
+    async def wait_http(self) -> None:
+        """Until the HTTP server has stopped (the driver watches this call: it also fails if this actor dies)."""
+        await self._http.wait()
+
+    async def stop_http(self) -> None:
+        """Stop accepting requests, let those in flight finish within the grace period, close the server."""
+        if self._http is not None:
+            await self._http.stop()
 
     def shutdown(self) -> None:
         """Stop the step loops, fail what is in flight, and give back the workers and their placement groups

@@ -143,6 +143,19 @@ def _assert_error(r: httpx.Response, status: int, param: str | None = None) -> d
 # ---- happy paths through the openai client -----------------------------------------------------
 
 
+def test_the_server_listens_in_the_router_actors_process(server):
+    """`shardserve serve` serves HTTP from the router actor's own process (cluster/server.py's InProcessServer over
+    LocalRouter): a token reaches its client with no Ray call between them. The listening socket is that
+    process's (Ray titles it ray::Router), not the `shardserve serve` driver's."""
+    import psutil
+
+    port = int(server.rsplit(":", 1)[1])
+    owners = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert len(owners) == 1, owners
+    cmdline = psutil.Process(owners.pop()).cmdline()
+    assert cmdline and cmdline[0].startswith("ray::Router"), cmdline
+
+
 def test_chat_answers_paris(client):
     r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=16)
     assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
