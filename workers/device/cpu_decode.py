@@ -4,8 +4,9 @@ block, MLP block), every layer in one call at TP = 1, instead of some fifteen to
 It takes a model only where every layer's weights are gq.c's (kept-quantized GGUF, or weight-only formats without
 an input permutation) and every float tensor is float32 on the CPU; anything else keeps the modules' forward.
 The products are the same gq.c calls the modules make (bit for bit); RMSNorm, rotary and attention are fused.c's,
-as the CPU table's ops are; the SwiGLU is computed as x / (1 + exp(-x)) * up in float32, which may differ from
-torch's vectorised silu by float32 rounding (tests/workers/device/test_cpu_decode.py compares the two paths).
+as the CPU table's ops are; the SwiGLU (fused.c's too) is x / (1 + e^-x) * up in float32 with e^x within 1 ulp,
+which may differ from torch's vectorised silu by float32 rounding (tests/workers/device/test_cpu_decode.py
+compares the two paths).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 
 At batch 1 a layer is some fifteen small torch ops and Python calls around its four weight products; their dispatch,
 not their arithmetic, was half of a step (SmolLM2-135M: ~9 ms of ~20). Here the same computation runs in C: the
-products are gq.c's (the same function the op table calls, so bit for bit the same), RMSNorm, rotary and the
-attention are fused.c's; only the SwiGLU, the bias add and the cache write are new, plain float32 loops.
+products are gq.c's (the same function the op table calls, so bit for bit the same), RMSNorm, rotary, the SwiGLU
+and the attention are fused.c's; only the bias add and the cache write are new, plain float32 loops.
 
   attention block: residual += x (or = x in the first layer); h = RMSNorm(residual) * input_norm;
                    qkv = h @ Wqkv^T (+ bias); per-head RMSNorm of q and k (qwen3); rotary on q and k;
@@ -28,6 +28,7 @@ void fused_rotary(float *x, int64_t T, int64_t heads, int64_t D, int64_t stride,
 void fused_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_tables,
                             int64_t max_blocks, const int64_t *context_lens, int64_t B, int64_t H, int64_t Hkv,
                             int64_t D, int64_t block_size, float scale, int64_t window, float *out, int nthreads);
+void fused_silu_mul(const float *gu, int64_t B, int64_t I, float *act, int nthreads);
 
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter; /* this rank's heads and intermediate size */
@@ -102,11 +103,7 @@ void decode_mlp_block(const decode_layer *l, const decode_step *s, const float *
     float *h = s->scratch, *gu = h + B * H, *act = gu + B * 2 * I;
     add_norm(x, residual, 0, l->post_norm, l->eps, B, H, h);
     gq_matmul(h, B, gu, l->gate_up, s->nthreads);
-    for (int64_t b = 0; b < B; b++) {
-        const float *g = gu + b * 2 * I, *u = g + I;
-        float *a = act + b * I;
-        for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i]; /* silu(g) * u */
-    }
+    fused_silu_mul(gu, B, I, act, s->nthreads);
     gq_matmul(act, B, out, l->down, s->nthreads);
 }
 
