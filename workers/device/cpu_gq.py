@@ -38,6 +38,7 @@ _SIGNATURES = {
     "gq_matmul": [P, I64, P, _W, INT],
     "gq_grouped_matmul": [P, I64, P, P, I64, _W, INT],
     "gq_rows": [P, I64, P, _W, INT],
+    "gq_pack": [P, I64, I64, INT, INT, P, P, P, INT],
 }
 
 
@@ -68,12 +69,10 @@ def fits(q: torch.Tensor, group: int) -> bool:
     return K % 32 == 0 and (group == 16 or group % 32 == 0) and K % group == 0
 
 
-_PACK_ROWS = 4096  # rows packed at a time (whole blocks), so that the temporaries stay a chunk's size
-
-
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> GroupWeight:
-    """q int8 [..., N, K], scale/zero float32 [..., N, K/group] -> the "gq" layout (gq.c's header): rows in blocks
-    of 16, N padded to whole blocks (stacked experts each), every tensor [..., padded N, ...] in the blocks' order."""
+    """q int8 [..., N, K], scale/zero float32 [..., N, K/group] -> the "gq" layout (gq.c's header, gq_pack): rows in
+    blocks of 16, N padded to whole blocks (stacked experts each), every tensor [..., padded N, ...] in the blocks'
+    order."""
     shape = tuple(q.shape)
     lo, hi = int(q.min()), int(q.max())
     bits = width(lo, hi)
@@ -82,17 +81,20 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group:
     if zero is not None:
         z = narrowest_exact(zero).to(s.dtype)
         s = s.to(z.dtype)  # one dtype for both (the kernel's sdtype)
-    rows = _blocks(q, fill=lo)  # [R, K], R a multiple of TILE (padded rows' u 0)
     tensors = {"scale": _tile_groups(_blocks(s)).view(*shape[:-2], -1, s.shape[-1])}
     if zero is not None:
         tensors["zero"] = _tile_groups(_blocks(z)).view(*shape[:-2], -1, z.shape[-1])
-    names = ("q8",) if bits == 8 else ("nib", "hb") if bits > 4 else ("nib",)
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    for start in range(0, rows.shape[0], _PACK_ROWS):
-        for name, t in zip(names, _pack_blocks(rows[start : start + _PACK_ROWS].to(torch.int16) - lo, bits)):
-            parts[name].append(t)
-    for name in names:
-        tensors[name] = torch.cat(parts[name]).view(*shape[:-2], -1, parts[name][0].shape[-1])
+    rows = _blocks(q.to(torch.int8), fill=lo).contiguous()  # [R, K], R whole blocks (padded rows' u 0)
+    R, K = rows.shape
+    if bits == 8:
+        held = {"q8": torch.empty(R, K, dtype=torch.int8)}
+    else:
+        held = {"nib": torch.empty(R, K // 2, dtype=torch.uint8)}
+        if bits > 4:
+            held["hb"] = torch.empty(R, K // 8 * (bits - 4), dtype=torch.uint8)
+    ptr = lambda name: held[name].data_ptr() if name in held else None  # noqa: E731
+    library().gq_pack(rows.data_ptr(), R, K, bits, lo, ptr("nib"), ptr("hb"), ptr("q8"), torch.get_num_threads())
+    tensors.update({name: t.view(*shape[:-2], -1, t.shape[-1]) for name, t in held.items()})
     return GroupWeight("gq", shape, group, bits=bits, lo=lo, **tensors)
 
 
@@ -111,30 +113,6 @@ def _tile_groups(s: torch.Tensor) -> torch.Tensor:
     """[R, G] -> [R/16, G, 16]: a group's 16 rows of a block side by side, flat as [R, G]."""
     R, G = s.shape
     return s.view(R // TILE, TILE, G).transpose(1, 2).contiguous().view(R, G)
-
-
-def _pack_blocks(u: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    """[R, K] values (u = q - lo, int16; R whole blocks) -> gq.c's tiles of them, each [R, bytes a row]: (q8,) for 8
-    bits, else (nib,) and for 5 and 6 bits (nib, hb). Pair p of chunk c: lane j = 2r + (k & 1) of the block's row r."""
-    R, K = u.shape
-    B, C = R // TILE, K // 32
-    lanes = u.view(B, TILE, C, 16, 2).permute(0, 2, 3, 1, 4)  # [B, C, pair, r, parity]: a pair's 32 lanes in order
-    if bits == 8:
-        return (lanes.to(torch.int8).reshape(R, K),)
-    nibbles = (lanes & 15).to(torch.uint8).reshape(B, C, 4, 4, 2 * TILE)  # [B, C, group t, q, lane]: pair 4t + q
-    low = nibbles[:, :, :, 0] | nibbles[:, :, :, 1] << 4  # each lane's uint16, little-endian: q 0-1, then 2-3
-    high = nibbles[:, :, :, 2] | nibbles[:, :, :, 3] << 4
-    nib = torch.stack([low, high], dim=-1).reshape(R, K // 2)
-    if bits == 4:
-        return (nib,)
-    planes = []
-    for p in range(bits - 4):  # bit p' of a lane: bit 4 + p of its value in pair p'
-        bit = ((lanes >> (4 + p)) & 1).to(torch.uint8).reshape(B, C, 2, 8, 2 * TILE)  # [B, C, byte, pair % 8, lane]
-        planes.append((bit * _BIT_WEIGHTS.view(8, 1)).sum(3, dtype=torch.uint8).transpose(-1, -2))  # [B, C, lane, byte]
-    return nib, torch.stack(planes, dim=2).reshape(R, K // 8 * (bits - 4))
-
-
-_BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
 
 
 def weight_struct(w: GroupWeight) -> ctypes.Structure:

@@ -141,6 +141,37 @@ static void quantize_x(const float *x, int64_t M, int64_t K, int group, quantize
     }
 }
 
+/* q int8 [R, K] (R whole blocks of TILE rows, K a multiple of 32) -> the tiled layout of the header, u = q - lo:
+   bits 8: q8 [R K] (lo 0); else nib [R K / 2] and, bits 5 and 6, hb [R K / 8 (bits - 4)] */
+void gq_pack(const int8_t *q, int64_t R, int64_t K, int bits, int lo, uint8_t *nib, uint8_t *hb, int8_t *q8,
+             int nthreads) {
+    const int64_t chunks = K / 32, blocks = R / TILE;
+    const int planes = planes_of(bits);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && R * K >= (1 << 20))
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t at = b * chunks + c;
+            uint16_t lanes[4][2 * TILE] = {{0}}, plane[2][2 * TILE] = {{0}};
+            for (int r = 0; r < TILE; r++) {
+                const int8_t *row = q + (b * TILE + r) * K + 32 * c;
+                for (int k = 0; k < 32; k++) {
+                    const int p = k / 2, j = 2 * r + k % 2;
+                    if (bits == 8) {
+                        q8[512 * at + 32 * p + j] = row[k];
+                        continue;
+                    }
+                    const int u = row[k] - lo;
+                    lanes[p / 4][j] |= (uint16_t)((u & 15) << (4 * (p % 4)));
+                    for (int pl = 0; pl < planes; pl++) plane[pl][j] |= (uint16_t)(((u >> (4 + pl)) & 1) << p);
+                }
+            }
+            if (bits == 8) continue;
+            memcpy(nib + 256 * at, lanes, 256);
+            for (int pl = 0; pl < planes; pl++) memcpy(hb + 64 * (at * planes + pl), plane[pl], 64);
+        }
+    }
+}
+
 /* where a block's chunk c and group g start: the weight's pointers at block b */
 typedef struct {
     const uint8_t *nib, *hb;
