@@ -12,7 +12,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shardserve.cluster.config import EngineConfig
 from shardserve.workers.actor import Worker as WorkerActor
-from shardserve.workers.channel import StepClient
+from shardserve.workers.channel import ChannelClosed, StepClient
 from shardserve.workers.device import RAY_RESOURCES
 from shardserve.workers.step import StepPlan, StepResult
 
@@ -114,7 +114,12 @@ class Replica:
         the step at once; one silent past worker_timeout_s (hung, or blocked in a collective a dead peer never
         joins) fails it then. Either raises WorkerDiedError."""
         message = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
-        calls = [asyncio.ensure_future(c.call(message)) for c in self.channels]
+        try:  # sent now, not from tasks: those would start after whatever the loop has queued (a step's SSE writes)
+            for c in self.channels:
+                c.send(message)
+        except ChannelClosed as e:
+            raise WorkerDiedError(f"replica {self.index}: step failed on a worker: {e}") from e
+        calls = [asyncio.ensure_future(c.reply()) for c in self.channels]
         try:
             done, _ = await asyncio.wait(calls, timeout=self.cfg.worker_timeout_s, return_when=asyncio.FIRST_EXCEPTION)
             for call in done:

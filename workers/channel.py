@@ -74,11 +74,20 @@ class StepClient:
     async def call(self, message: bytes) -> object:
         """Send `message` (already pickled: one plan goes to every rank) and wait for the reply without blocking
         the event loop; ChannelClosed if the worker's end closes, RuntimeError carrying its traceback if it failed."""
-        loop = asyncio.get_running_loop()
+        self.send(message)
+        return await self.reply()
+
+    def send(self, message: bytes) -> None:
+        """The send half of `call`, at once: a caller on a busy event loop (the HTTP app shares the router's) hands
+        the worker its step before anything else the loop has queued runs."""
         try:
             self.conn.send_bytes(message)
         except OSError as e:
             raise ChannelClosed(f"the worker's process died or closed its step channel ({e!r})") from e
+
+    async def reply(self) -> object:
+        """The reply to what `send` sent (the wait half of `call`)."""
+        loop = asyncio.get_running_loop()
         ready = loop.create_future()
         fd = self.conn.fileno()
         loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))

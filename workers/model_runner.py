@@ -99,17 +99,16 @@ class ModelRunner:
     @staticmethod
     def _results(seqs: list[SeqStep], logits: torch.Tensor, owners: list[tuple[int, int]]) -> StepResult:
         sampling = [(b, first + count - 1) for b, (first, count) in enumerate(owners) if seqs[b].sample]
-        chosen, logprobs = sample(logits[[r for _, r in sampling]], [seqs[b] for b, _ in sampling])
+        chosen, chosen_lp, rows = sample(logits[[r for _, r in sampling]], [seqs[b] for b, _ in sampling])
         out = StepResult()
-        by_seq = {b: (tok, lp_row) for (b, _), tok, lp_row in zip(sampling, chosen, logprobs)}
+        by_seq = {b: (j, tok, lp) for j, ((b, _), tok, lp) in enumerate(zip(sampling, chosen, chosen_lp))}
         all_lp = torch.log_softmax(logits, dim=-1) if any(s.prompt_logprobs is not None for s in seqs) else None
         for b, s in enumerate(seqs):
             r = SeqResult(seq_id=s.seq_id)
             if b in by_seq:
-                tok, row = by_seq[b]
-                r.token_id, r.logprob = tok, float(row[tok])
+                j, r.token_id, r.logprob = by_seq[b]
                 if s.logprobs is not None:
-                    r.top_logprobs = top_logprobs(row, s.logprobs)
+                    r.top_logprobs = top_logprobs(rows[j], s.logprobs)
             if s.prompt_logprobs is not None:
                 first, count = owners[b]
                 r.prompt_logprobs = [

@@ -14,9 +14,24 @@ def _seq(**kw) -> SeqStep:
 
 def test_greedy_is_argmax_and_logprobs_are_log_softmax():
     logits = torch.randn(3, 50)
-    ids, lp = sample(logits, [_seq(temperature=0.0)] * 3)
+    ids, chosen_lp, rows = sample(logits, [_seq(temperature=0.0)] * 3)
     assert ids == logits.argmax(-1).tolist()
-    assert torch.allclose(lp, torch.log_softmax(logits, -1))
+    assert rows is None  # nobody asked for top logprobs: no full log-softmax
+    full = torch.log_softmax(logits, -1)
+    assert torch.allclose(torch.tensor(chosen_lp), full[torch.arange(3), ids])
+    _, _, rows = sample(logits, [_seq(temperature=0.0), _seq(temperature=0.0, logprobs=2), _seq(temperature=0.0)])
+    assert torch.allclose(rows, full)
+
+
+def test_temperature_only_rows_skip_the_filter_and_keep_its_distribution():
+    """Temperature alone (top-k, top-p, min-p off) draws from logits / T, not the filter's sort: seeded draws equal
+    to the filter's path (a no-op min-p sends a row through it), whose probabilities are softmax(logits / T)."""
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(0))
+    V = logits.shape[-1]
+    plain = [sample(logits[:1], [_seq(temperature=0.8, seed=s)])[0][0] for s in range(200)]
+    through_filter = [sample(logits[:1], [_seq(temperature=0.8, seed=s, min_p=1e-30)])[0][0] for s in range(200)]
+    assert plain == through_filter
+    assert torch.allclose(_filtered_probs(logits, [_seq(temperature=0.8, top_k=V)] * 2), torch.softmax(logits / 0.8, -1))
 
 
 def test_top_k_top_p_min_p_keep_exactly_the_expected_tokens():
