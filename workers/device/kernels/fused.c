@@ -89,6 +89,15 @@ static inline void prefetch_row(const float *p, int64_t D) {
     for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(p + d);
 }
 
+/* key j0's row of a sequence's cache (its block from `table`, at float `offset` within a row of `row` floats), and
+   in *end the first key past j0's block (or ctx): the rows j0 .. *end - 1 follow it `row` floats apart */
+static inline const float *block_rows(const float *cache, const int64_t *table, int64_t j0, int64_t ctx,
+                                      int64_t block_size, int64_t row, int64_t offset, int64_t *end) {
+    const int64_t blk = j0 / block_size, stop = (blk + 1) * block_size;
+    *end = stop < ctx ? stop : ctx;
+    return cache + (table[blk] * block_size + j0 - blk * block_size) * row + offset;
+}
+
 /* one query per sequence: q [B, H, D] over the keys j < context_lens[b] (and j > ctx - 1 - window where window > 0)
    of sequence b's blocks (block_tables [B, max_blocks], caches [num_blocks, block_size, Hkv, D]), GQA (query head
    h reads KV head h / (H / Hkv)) -> out [B, H, D] = softmax(scale q k^T) v. Per (sequence, KV head): its query heads
@@ -111,11 +120,9 @@ void fused_decode_attention(const float *q, const float *k_cache, const float *v
                     const int64_t G = group - h0 < MAX_GROUP ? group - h0 : MAX_GROUP, n = ctx - first;
                     const float *qv = q + (b * H + kvh * group + h0) * D;
                     float *o = out + (b * H + kvh * group + h0) * D, sums[MAX_GROUP];
-                    for (int64_t j0 = first; j0 < ctx;) { /* q k^T, a block's keys at a time */
-                        const int64_t blk = j0 / block_size, j1 = (blk + 1) * block_size < ctx ? (blk + 1) * block_size : ctx;
-                        const float *kb = k_cache + table[blk] * block_size * row + kvh * D;
-                        for (int64_t j = j0; j < j1; j++) {
-                            const float *kv = kb + (j - blk * block_size) * row;
+                    for (int64_t j0 = first, j1; j0 < ctx; j0 = j1) { /* q k^T, a block's keys at a time */
+                        const float *kv = block_rows(k_cache, table, j0, ctx, block_size, row, kvh * D, &j1);
+                        for (int64_t j = j0; j < j1; j++, kv += row) {
                             if (j + PREFETCH_ROWS < j1) prefetch_row(kv + PREFETCH_ROWS * row, D);
                             for (int64_t g = 0; g < G; g++) {
                                 const float *qg = qv + g * D;
@@ -125,7 +132,6 @@ void fused_decode_attention(const float *q, const float *k_cache, const float *v
                                 scores[g * max_ctx + j - first] = dot * scale;
                             }
                         }
-                        j0 = j1;
                     }
                     for (int64_t g = 0; g < G; g++) { /* softmax of each head's scores */
                         float *p = scores + g * max_ctx, mx = -INFINITY, sum = 0;
@@ -138,11 +144,9 @@ void fused_decode_attention(const float *q, const float *k_cache, const float *v
                         sums[g] = 1.0f / sum;
                         for (int64_t d = 0; d < D; d++) o[g * D + d] = 0;
                     }
-                    for (int64_t j0 = first; j0 < ctx;) { /* p v */
-                        const int64_t blk = j0 / block_size, j1 = (blk + 1) * block_size < ctx ? (blk + 1) * block_size : ctx;
-                        const float *vb = v_cache + table[blk] * block_size * row + kvh * D;
-                        for (int64_t j = j0; j < j1; j++) {
-                            const float *vv = vb + (j - blk * block_size) * row;
+                    for (int64_t j0 = first, j1; j0 < ctx; j0 = j1) { /* p v */
+                        const float *vv = block_rows(v_cache, table, j0, ctx, block_size, row, kvh * D, &j1);
+                        for (int64_t j = j0; j < j1; j++, vv += row) {
                             if (j + PREFETCH_ROWS < j1) prefetch_row(vv + PREFETCH_ROWS * row, D);
                             for (int64_t g = 0; g < G; g++) {
                                 const float pj = scores[g * max_ctx + j - first] * sums[g];
@@ -151,7 +155,6 @@ void fused_decode_attention(const float *q, const float *k_cache, const float *v
                                 for (int64_t d = 0; d < D; d++) og[d] += pj * vv[d];
                             }
                         }
-                        j0 = j1;
                     }
                 }
             }
