@@ -187,8 +187,9 @@ def run_shardserve(args: argparse.Namespace, dequantize: bool = False) -> Engine
 
 
 def step_split(before: dict, after: dict) -> dict:
-    """Mean step time as the router waits for it, split into rank 0's forward (logits and sampling included)
-    and the rest: the router, Ray's calls and transfers, the step protocol."""
+    """Mean step time, each step from the previous step's result (or its own send, when none was in flight) to its
+    own, split into rank 0's forward (logits and sampling included) and the rest: the step protocol (the plan's and
+    result's transfers) and whatever of the router's work did not overlap the forward (router/router.py _run)."""
     steps = after["steps"] - before["steps"]
     step = (after["step_seconds"] - before["step_seconds"]) / steps
     forward = (after["forward_seconds"] - before["forward_seconds"]) / steps

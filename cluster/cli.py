@@ -33,6 +33,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-length", dest="max_model_len", type=int, default=None)
     p.add_argument("--page-size", dest="block_size", type=int, default=16)
     p.add_argument("--disable-radix-cache", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="wait for each step's result before sending the next (default: one step ahead)")
     p.add_argument("--enable-expert-parallel", "--enable-ep-moe", dest="enable_expert_parallel", action="store_true",
                    help="MoE: partition the experts over the TP ranks")
     p.add_argument("--served-model-name", default=None)

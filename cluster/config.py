@@ -40,6 +40,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # the per-step token budget (chunked prefill)
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
+    # send step N+1 while step N runs (its sampled tokens filled in on the worker), so the router's work and the
+    # step's round trip overlap the forward; SGLang's --disable-overlap-schedule turns it off
+    disable_overlap_schedule: bool = False
     enable_expert_parallel: bool = False  # MoE: partition experts over the TP ranks instead of splitting each
     cpu_threads_per_worker: int | None = None  # None: cores / (tp * dp)
     # GGUF: dequantize every weight into the compute dtype at load (SGLang's behaviour: more memory), instead of

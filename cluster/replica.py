@@ -14,7 +14,7 @@ from shardserve.cluster.config import EngineConfig
 from shardserve.workers.actor import Worker as WorkerActor
 from shardserve.workers.channel import ChannelClosed, StepClient
 from shardserve.workers.device import RAY_RESOURCES
-from shardserve.workers.step import StepPlan, StepResult
+from shardserve.workers.step import ScoreCall, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -108,37 +108,49 @@ class Replica:
         except asyncio.TimeoutError as e:
             raise WorkerDiedError(f"replica {self.index}: {what} hung for {self.cfg.worker_timeout_s:.0f}s") from e
 
-    async def execute(self, plan: StepPlan) -> StepResult:
-        """One step on every rank, over the step channels (workers/channel.py): the plan pickled once, sent to every
-        rank, rank 0's result returned. A rank whose channel closes (its process died) or whose step raised fails
-        the step at once; one silent past worker_timeout_s (hung, or blocked in a collective a dead peer never
-        joins) fails it then. Either raises WorkerDiedError."""
-        message = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
-        try:  # sent now, not from tasks: those would start after whatever the loop has queued (a step's SSE writes)
-            for c in self.channels:
-                c.send(message)
-        except ChannelClosed as e:
-            raise WorkerDiedError(f"replica {self.index}: step failed on a worker: {e}") from e
-        calls = [asyncio.ensure_future(c.reply()) for c in self.channels]
+    def submit(self, message: StepPlan | ScoreCall, what: str = "step") -> asyncio.Future:
+        """Send one step (or score) to every rank over the step channels (workers/channel.py), at once: the message
+        pickled once, sent to every rank; returns the future of rank 0's result. A rank whose channel closes (its
+        process died) or whose step raised fails it at once with WorkerDiedError. Steps may be submitted before
+        earlier ones return (each rank runs them in order); `result` waits for one with the timeout."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            done, _ = await asyncio.wait(calls, timeout=self.cfg.worker_timeout_s, return_when=asyncio.FIRST_EXCEPTION)
-            for call in done:
-                if call.exception() is not None:
-                    raise WorkerDiedError(f"replica {self.index}: step failed on a worker: {call.exception()}")
-            if len(done) < len(calls):
-                raise WorkerDiedError(f"replica {self.index}: step hung for {self.cfg.worker_timeout_s:.0f}s")
-            return calls[0].result()
+            replies = [c.send(data) for c in self.channels]
+        except ChannelClosed as e:
+            raise WorkerDiedError(f"replica {self.index}: {what} failed on a worker: {e}") from e
+        return asyncio.ensure_future(self._first(replies, what))
+
+    async def _first(self, replies: list[asyncio.Future], what: str):
+        try:
+            await asyncio.wait(replies, return_when=asyncio.FIRST_EXCEPTION)
         finally:
-            for call in calls:
-                call.cancel()  # a rank still waited on: stop watching its socket before anything closes it
-            await asyncio.gather(*calls, return_exceptions=True)
+            for reply in replies:
+                reply.cancel()  # given up on (the caller's timeout) or already failed: its reply is skipped
+        for reply in replies:
+            if reply.done() and not reply.cancelled() and reply.exception() is not None:
+                raise WorkerDiedError(f"replica {self.index}: {what} failed on a worker: {reply.exception()}")
+        return replies[0].result()
+
+    async def result(self, submitted: asyncio.Future, what: str = "step"):
+        """`submit`'s result; a rank silent past worker_timeout_s from now (hung, or blocked in a collective a dead
+        peer never joins) raises WorkerDiedError. Call it for the oldest step in flight: the clock of a later one
+        starts once those before it have returned."""
+        try:
+            return await asyncio.wait_for(submitted, timeout=self.cfg.worker_timeout_s)
+        except asyncio.TimeoutError as e:
+            raise WorkerDiedError(f"replica {self.index}: {what} hung for {self.cfg.worker_timeout_s:.0f}s") from e
+
+    async def execute(self, plan: StepPlan) -> StepResult:
+        """One step, waited for."""
+        return await self.result(self.submit(plan))
+
+    async def score(self, token_ids: list[int]):
+        """Rank 0's teacher-forced logits, every rank running the forward: over the channels, after the steps sent."""
+        return await self.result(self.submit(ScoreCall(list(token_ids)), "score"), "score")
 
     async def ping(self) -> None:
         """Every rank answers (an idle replica's dead worker is found before a request meets it)."""
         await self._gather([w.ping.remote() for w in self.workers], "health check")
-
-    async def score(self, token_ids: list[int]):
-        return (await self._gather([w.score.remote(token_ids) for w in self.workers], "score"))[0]
 
     def shutdown(self) -> None:
         """Kill the workers (a rank blocked in a collective included) and give back the placement group."""

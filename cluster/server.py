@@ -164,8 +164,10 @@ class _Metrics:
             k: Gauge(f"shardserve_{k}", f"router {k.replace('_', ' ')}", registry=r)
             for k in ("running", "waiting", "free_blocks", "total_blocks", "prefix_hits", "prefix_queries", "preemptions", "steps")
         }
-        # summed over steps: the router's wait for each, and rank 0's forward of it (the rest is the step protocol)
-        self.gauges["step_seconds"] = Gauge("shardserve_step_seconds", "seconds the router waited for steps", registry=r)
+        # summed over steps: each one's time as the workers deliver it, and rank 0's forward of it (the rest: the step
+        # protocol and router work that did not overlap the forward)
+        self.gauges["step_seconds"] = Gauge("shardserve_step_seconds", "seconds of steps, each from the previous result "
+                                            "(or its own send) to its result", registry=r)
         self.gauges["forward_seconds"] = Gauge("shardserve_forward_seconds", "seconds rank 0 ran the steps' forward "
                                                "(logits and sampling included)", registry=r)
         self.routed = Gauge("shardserve_routed_requests", "new requests routed to each replica: by the longest cached "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 
 from shardserve.router.block_manager import BlockManager
 from shardserve.router.detokenizer import IncrementalDetokenizer
@@ -25,8 +26,10 @@ class EngineCore:
         self.max_model_len, self.vocab_size = max_model_len, vocab_size
         self.requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
-        self._scheduled: list[tuple[Sequence, int]] = []
-        # step_seconds: steps as the router waits for them; forward_seconds: of which rank 0 ran the model
+        # per step sent and not yet processed, oldest first: (sequence, computed after it, epoch, samples)
+        self._inflight: deque[list[tuple[Sequence, int, int, bool]]] = deque()
+        # step_seconds: each step from the previous step's result (or its own send, none being in flight) to its own
+        # (router/router.py _run); forward_seconds: of which rank 0 ran the model
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "steps": 0,
                       "step_seconds": 0.0, "forward_seconds": 0.0}
 
@@ -88,9 +91,11 @@ class EngineCore:
 
     def take_requests(self) -> dict[str, list[Sequence]]:
         """Hand over every request in flight (its replica failed): this core forgets them and frees their blocks."""
-        taken, self.requests, self._scheduled = self.requests, {}, []
+        taken, self.requests = self.requests, {}
+        self._inflight.clear()
         for seqs in taken.values():
             for seq in seqs:
+                seq.num_pending = 0  # the steps in flight will not return
                 if seq.finish_reason is None:
                     self.scheduler.finish(seq)
                     seq.status = Status.WAITING
@@ -111,11 +116,26 @@ class EngineCore:
 
     # ---- steps -----------------------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
-        self._scheduled = self.scheduler.schedule()
-        if not self._scheduled:
+        """The next step's plan, or None. It may be called again before the last plan's result is processed (the
+        router sends step N+1 while step N runs): each sequence counts what the steps sent will compute and
+        sample, and a token sampled by a step still in flight is fed as PENDING, which the worker fills in."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
             return None
         self.stats["steps"] += 1
-        return StepPlan([self._seq_step(seq, n) for seq, n in self._scheduled])
+        steps, record = [], []
+        for seq, n in scheduled:
+            step = self._seq_step(seq, n)
+            seq.num_computed += n
+            seq.num_pending += step.sample
+            steps.append(step)
+            record.append((seq, seq.num_computed, seq.epoch, step.sample))
+        self._inflight.append(record)
+        return StepPlan(steps)
+
+    @property
+    def steps_in_flight(self) -> int:
+        return len(self._inflight)
 
     def _seq_step(self, seq: Sequence, n: int) -> SeqStep:
         start, p = seq.num_computed, seq.params
@@ -131,7 +151,7 @@ class EngineCore:
             top_k=p.top_k,
             min_p=p.min_p,
             seed=None if p.seed is None else p.seed + seq.index,
-            num_generated=len(seq.output_ids),
+            num_generated=len(seq.output_ids) + seq.num_pending,  # the tokens before the one this step samples
             logprobs=p.logprobs,
         )
         if seq.wants_prompt_logprobs and start < len(seq.prompt_ids):
@@ -140,28 +160,34 @@ class EngineCore:
         return step
 
     def process(self, result: StepResult) -> list[Delta]:
-        """Fold rank 0's results into the sequences; returns the deltas to stream."""
+        """Fold rank 0's results of the oldest step in flight into its sequences; returns the deltas to stream."""
         by_id = {r.seq_id: r for r in result.results}
         deltas = []
-        for seq, n in self._scheduled:
-            if seq.finish_reason is not None:  # aborted while the step ran
+        for seq, computed, epoch, sampled in self._inflight.popleft():
+            if seq.finish_reason is not None:  # finished or aborted while the step ran: nothing of it is kept
                 continue
-            seq.num_computed += n
-            self.blocks.commit(seq.blocks, seq.tokens, seq.num_computed)
             r = by_id.get(seq.seq_id)
+            if sampled and (r is None or r.token_id is None):
+                raise RuntimeError(f"step result without the token sampled for sequence {seq.seq_id}")
+            if sampled:
+                seq.num_pending -= 1
+            if epoch != seq.epoch:  # preempted since: its KV is gone, its sampled token stays (it is the output's)
+                if sampled:
+                    deltas.append(self._append_token(seq, r))
+                continue
+            self.blocks.commit(seq.blocks, seq.tokens, computed)  # every token up to `computed` is known by now
             if r is None:
                 continue
             if r.prompt_logprobs is not None:
-                self._add_prompt_logprobs(seq, r)
-            if r.token_id is not None:
+                self._add_prompt_logprobs(seq, r, computed)
+            if sampled:
                 deltas.append(self._append_token(seq, r))
-        self._scheduled = []
         return deltas
 
-    def _add_prompt_logprobs(self, seq: Sequence, r: SeqResult) -> None:
+    def _add_prompt_logprobs(self, seq: Sequence, r: SeqResult, computed: int) -> None:
         if not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)  # the first prompt token has no context
-        start = seq.num_computed - len(r.prompt_logprobs)
+        start = computed - len(r.prompt_logprobs)
         for k, entry in enumerate(r.prompt_logprobs):
             if entry is not None and len(seq.prompt_logprobs) < len(seq.prompt_ids):
                 nxt = seq.prompt_ids[start + k + 1]
@@ -197,7 +223,7 @@ class EngineCore:
                 seq.finish_reason, seq.stop_reason = "stop", tok
             elif p.stop and self._stop_string(seq):
                 seq.finish_reason = "stop"
-        if seq.finish_reason is None and seq.num_tokens >= seq.max_len:
+        if seq.finish_reason is None and seq.num_known >= seq.max_len:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)

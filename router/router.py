@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,11 +39,10 @@ class Unavailable(RequestError):
 @dataclass
 class _ReplicaLoop:
     index: int
-    replica: object  # cluster.replica.Replica (anything with `async execute(plan)`, `async score`, `shutdown`)
+    replica: object  # cluster.replica.Replica (`submit(plan)`, `async result(submitted)`, `async score`, `shutdown`, `ping`)
     core: EngineCore
     state: str = "serving"  # serving | rebuilding | down
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one collective sequence at a time: steps, scores
     task: asyncio.Task | None = None  # the step loop
     rebuild: asyncio.Task | None = None
     held: dict[str, list[Sequence]] = field(default_factory=dict)  # requests waiting for the rebuild
@@ -231,24 +231,40 @@ class Router:
 
     # ---- the step loop ----------------------------------------------------------------------
     async def _run(self, loop: _ReplicaLoop) -> None:
+        """Keep up to two steps in flight: step N+1 is sent while step N runs (the worker fills in the tokens step N
+        samples, workers/step.py PENDING), so this loop's work (results, deltas, the next plan) and the step's round
+        trip overlap the forward. A step's time is from the previous result (or its own send, when none was in
+        flight) to its result: what the workers deliver, the router's work included where it did not overlap."""
         core = loop.core
-        while loop.serving:
-            plan = core.schedule() if core.has_work() else None
-            try:
-                if plan is None:
+        ahead = 1 if self.cfg.disable_overlap_schedule else 2
+        inflight: deque[asyncio.Future] = deque()
+        since = 0.0
+        try:
+            while loop.serving:
+                while len(inflight) < ahead and core.has_work():
+                    plan = core.schedule()
+                    if plan is None:
+                        break
+                    if not inflight:
+                        since = time.perf_counter()
+                    inflight.append(loop.replica.submit(plan))
+                if not inflight:
                     await self._idle(loop)
                     continue
-                async with loop.lock:
-                    t0 = time.perf_counter()
-                    result = await loop.replica.execute(plan)
-                core.stats["step_seconds"] += time.perf_counter() - t0
+                result = await loop.replica.result(inflight[0])
+                inflight.popleft()
+                now = time.perf_counter()
+                core.stats["step_seconds"] += now - since
                 core.stats["forward_seconds"] += result.forward_s
-            except Exception as e:  # a dead, raising or hung worker: never hang its requests
-                logger.exception("replica %d: %s failed", loop.index, "step" if plan else "health check")
-                self._replica_failed(loop, f"{type(e).__name__}: {e}")
-                return
-            for delta in core.process(result):
-                self._emit(delta)
+                since = now
+                for delta in core.process(result):
+                    self._emit(delta)
+        except Exception as e:  # a dead, raising or hung worker: never hang its requests
+            logger.exception("replica %d: a step or health check failed", loop.index)
+            self._replica_failed(loop, f"{type(e).__name__}: {e}")
+        finally:
+            for submitted in inflight:  # stopped serving with steps in flight: nobody waits for their results
+                submitted.cancel()
 
     async def _idle(self, loop: _ReplicaLoop) -> None:
         """Wait for work; every HEALTH_CHECK_S without any, check that the workers are alive."""
@@ -256,8 +272,7 @@ class Router:
         try:
             await asyncio.wait_for(loop.wakeup.wait(), timeout=HEALTH_CHECK_S)
         except asyncio.TimeoutError:
-            async with loop.lock:
-                await loop.replica.ping()
+            await loop.replica.ping()
 
     def _replica_failed(self, loop: _ReplicaLoop, cause: str) -> None:
         """Stop serving on `loop`, move its requests (once each), and rebuild it in the background."""
@@ -330,11 +345,10 @@ class Router:
         loop.task = asyncio.create_task(self._run(loop))
 
     async def score(self, token_ids: list[int]):
-        """Teacher-forced logits of a token sequence on a serving replica (evaluation, equivalence tests);
-        serialized with that replica's steps so that their collectives never interleave."""
+        """Teacher-forced logits of a token sequence on a serving replica (evaluation, equivalence tests); its
+        message follows the steps sent on the same channels, so their collectives never interleave."""
         loop = min(self._serving(), key=lambda lp: len(lp.core.requests))
-        async with loop.lock:
-            return await loop.replica.score(token_ids)
+        return await loop.replica.score(token_ids)
 
     # ---- the HTTP server, in this process (`shardserve serve`) --------------------------------
     async def serve_http(self, options) -> None:

@@ -34,6 +34,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if n <= 0 or seq.num_tokens >= seq.max_len:
+                i += 1  # its step in flight computes all it has; or the token that step samples is its last
+                continue
             while not self.blocks.allocate(seq.blocks, seq.num_computed + n):
                 # the newest runner gives its blocks back; it sits at index >= i, so it is not in the batch yet
                 victim = self.running.pop()
@@ -46,6 +49,8 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted while a step in flight samples for it: readmitted once that token is known
             n = self._admit(seq, budget)
             if not n:
                 break  # first come, first served: wait for blocks to free up

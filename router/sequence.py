@@ -9,6 +9,7 @@ from typing import Any
 from shardserve.router.block_manager import SeqBlocks
 from shardserve.router.outputs import PositionLogprobs
 from shardserve.router.sampling_params import SamplingParams
+from shardserve.workers.step import PENDING
 
 
 class Status(enum.Enum):
@@ -29,7 +30,9 @@ class Sequence:
     arrival: float = 0.0
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    num_computed: int = 0  # tokens whose KV is in the cache
+    num_computed: int = 0  # tokens whose KV is in the cache, or will be once the steps sent so far have run
+    num_pending: int = 0  # tokens sampled by steps sent but not yet returned (their ids are not known here yet)
+    epoch: int = 0  # preemptions and hand-overs so far: a step's result for an earlier epoch commits nothing
     blocks: SeqBlocks = field(default_factory=SeqBlocks)
     cumulative_logprob: float = 0.0
     logprobs: list[PositionLogprobs] = field(default_factory=list)
@@ -44,10 +47,16 @@ class Sequence:
 
     @property
     def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+        """Prompt and output ids, then PENDING for each token a step in flight samples (the worker fills it in)."""
+        return self.prompt_ids + self.output_ids + [PENDING] * self.num_pending
 
     @property
     def num_tokens(self) -> int:
+        """Tokens the sequence has or will have once the steps in flight return."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_known(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
@@ -58,6 +67,7 @@ class Sequence:
         """Back to waiting; its KV is dropped and recomputed (prompt and outputs) on readmission."""
         self.status = Status.WAITING
         self.num_computed = 0
+        self.epoch += 1
         self.num_preemptions += 1
         if self.wants_prompt_logprobs:
             self.prompt_logprobs.clear()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # the Worker methods a replica calls through Ray (the step channel carries the steps themselves)
 METHODS = ("node_ip", "free_port", "init", "kv_block_bytes", "kv_cache_budget", "init_cache", "open_step_channel",
-           "execute", "score", "ping")
+           "ping")
 
 
 class Worker:

@@ -19,6 +19,12 @@ class TPGroup:
             dist.all_reduce(x)
         return x
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x on every rank (in place)."""
+        if self.size > 1:
+            dist.broadcast(x, src=0)
+        return x
+
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
         """Concatenate each rank's [.., n] along the last dim on rank 0 (None on the others)."""
         if self.size == 1:

@@ -6,20 +6,43 @@ import torch
 
 from shardserve.workers.device.base import AttentionMetadata
 from shardserve.workers.sampler import sample, top_logprobs
-from shardserve.workers.step import SeqResult, SeqStep, StepPlan, StepResult
+from shardserve.workers.step import PENDING, SeqResult, SeqStep, StepPlan, StepResult
 
 
 class ModelRunner:
     def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, device):
         self.model, self.kv_caches, self.block_size, self.device = model, kv_caches, block_size, device
+        self.sampled: dict[int, int] = {}  # rank 0: the token the last step sampled, by sequence (fills PENDING)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
+        self._fill_pending(plan.seqs)
         rows, owners = self._logit_rows(plan.seqs)
         logits = self.logits(plan.seqs, rows)
         if self.model.tp.rank != 0:
             return None
-        return self._results(plan.seqs, logits.cpu(), owners) if rows else StepResult()
+        result = self._results(plan.seqs, logits.cpu(), owners) if rows else StepResult()
+        self.sampled = {r.seq_id: r.token_id for r in result.results if r.token_id is not None}
+        return result
+
+    def _fill_pending(self, seqs: list[SeqStep]) -> None:
+        """PENDING inputs (the last fed token of a sequence whose previous step's result the router had not seen
+        when it sent this one) become what rank 0 sampled then; rank 0 broadcasts them to the other ranks."""
+        pending = [s for s in seqs if s.token_ids and s.token_ids[-1] == PENDING]
+        if not pending:
+            return
+        tp = self.model.tp
+        if tp.rank == 0:
+            missing = [s.seq_id for s in pending if s.seq_id not in self.sampled]
+            if missing:
+                raise RuntimeError(f"step plan feeds a pending token for sequences {missing}, which the previous step "
+                                   "did not sample")
+            ids = [self.sampled[s.seq_id] for s in pending]
+        if tp.size > 1:
+            t = torch.tensor(ids if tp.rank == 0 else [0] * len(pending), device=self.device)
+            ids = tp.broadcast(t).tolist()
+        for s, tok in zip(pending, ids):
+            s.token_ids[-1] = tok
 
     @torch.inference_mode()
     def logits(self, seqs: list[SeqStep], rows: list[int]) -> torch.Tensor | None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# A fed token whose id the router does not know yet: the one this rank's previous step sampled for the sequence.
+# The router sends step N+1 while step N runs (router/router.py), so a decoding sequence's next input is this.
+PENDING = -1
+
 
 @dataclass
 class SeqStep:
     """One sequence's share of a step: a prefill chunk or one decode token."""
 
     seq_id: int
-    token_ids: list[int]  # the new tokens fed this step
+    token_ids: list[int]  # the new tokens fed this step; the last may be PENDING
     start_pos: int  # position of token_ids[0] (tokens before it are in the KV cache)
     block_table: list[int]  # KV blocks covering positions [0, start_pos + len(token_ids))
     sample: bool  # sample a next token after this chunk (decode, or the last prefill chunk)
@@ -28,6 +32,13 @@ class SeqStep:
 @dataclass
 class StepPlan:
     seqs: list[SeqStep]
+
+
+@dataclass
+class ScoreCall:
+    """Teacher-forced logits of one sequence (rank 0's; every rank runs the forward), sent as a step is."""
+
+    token_ids: list[int]
 
 
 Logprobs = list[tuple[int, float]]  # (token id, logprob), best first

@@ -20,7 +20,7 @@ from shardserve.workers.model_runner import ModelRunner
 from shardserve.workers.models import model_class
 from shardserve.workers.models.config import ModelConfig
 from shardserve.workers.quant import detect
-from shardserve.workers.step import StepPlan, StepResult
+from shardserve.workers.step import ScoreCall, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,14 @@ def check_consumed(source: CheckpointSource, cfg: ModelConfig) -> None:
 
 
 def _on_compute(method):
-    """Run the method on the worker's compute thread (Worker._compute) and wait for it."""
+    """Run the method on the worker's compute thread (Worker._compute) and wait for it. Once the step channel is
+    open its loop holds that thread: what runs there then comes over the channel (`_handle`)."""
 
     @functools.wraps(method)
     def run(self, *args, **kwargs):
+        if self._channel is not None:
+            raise RuntimeError(f"{method.__name__}: this worker's step channel holds its compute thread; "
+                               "send the call over the channel")
         return self._compute.submit(method, self, *args, **kwargs).result()
 
     return run
@@ -159,6 +163,9 @@ class Worker:
 
     @_on_compute
     def execute(self, plan: StepPlan) -> StepResult | None:
+        return self._execute(plan)
+
+    def _execute(self, plan: StepPlan) -> StepResult | None:
         t0 = time.perf_counter()
         result = self.runner.execute(plan)
         if result is not None:
@@ -166,16 +173,26 @@ class Worker:
         return result
 
     def open_step_channel(self, host: str) -> tuple[tuple[str, int], bytes]:
-        """Listen for the replica's step channel (workers/channel.py) on `host`: its address and key. Each plan
-        that arrives runs through `execute` on the channel's thread."""
+        """Listen for the replica's step channel (workers/channel.py) on `host`: its address and key. Its loop
+        runs on the compute thread from now on: each step plan (or score) that arrives runs where it arrived."""
         if self._channel is not None:
             raise RuntimeError("this worker's step channel is open already: a replica drives it")
-        self._channel = StepServer(host, self.execute)
+        self._channel = StepServer(host, self._handle, start=self._compute.submit)
         return self._channel.address, self._channel.key
+
+    def _handle(self, message: StepPlan | ScoreCall):
+        if isinstance(message, StepPlan):
+            return self._execute(message)
+        if isinstance(message, ScoreCall):
+            return self._score(message.token_ids)
+        raise TypeError(f"the step channel carries StepPlan or ScoreCall, not {type(message).__name__}")
 
     @_on_compute
     def score(self, token_ids: list[int]):
         """Teacher-forced logits [T, vocab] (rank 0; None elsewhere): for evaluation and equivalence tests."""
+        return self._score(token_ids)
+
+    def _score(self, token_ids: list[int]):
         return self.runner.score(token_ids)
 
     def ping(self) -> int:

@@ -119,3 +119,46 @@ def test_preemption_and_chunked_prefill_give_the_same_tokens(ray_session, smollm
         assert abs(x.logprob - y.logprob) < 1e-4 and tid in b
     assert stats["preemptions"] > 0
     assert stats["free_blocks"] == stats["total_blocks"]
+
+
+def test_the_overlap_schedule_changes_no_output(ray_session, smollm2_path, llm):
+    """The router sends step N+1 while step N runs, its decode inputs PENDING until the worker fills in what step N
+    sampled. Waiting for each step instead (--disable-overlap-schedule) must give the same tokens, seeded draws,
+    stop-string cuts and logprobs; a score sent while steps are in flight returns between them, unchanged."""
+    import ray
+
+    params = [
+        GREEDY,
+        SamplingParams(max_tokens=12, temperature=0.9, seed=11, n=2, ignore_eos=True),
+        SamplingParams(max_tokens=30, temperature=0, stop=[" the", "."], logprobs=2),
+        SamplingParams(max_tokens=1, temperature=0),
+    ]
+    prompts = PROMPTS[:4]
+
+    def outputs(engine):
+        return [[(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in r.outputs]
+                for r in engine.generate(prompts, params)]
+
+    def same(a, b):  # tokens, text and reasons exact; logprobs to float32 rounding (steps batch differently)
+        assert [len(r) for r in a] == [len(r) for r in b]
+        for (ta, xa, fa, la), (tb, xb, fb, lb) in zip((c for r in a for c in r), (c for r in b for c in r)):
+            assert (ta, xa, fa) == (tb, xb, fb)
+            assert (la is None) == (lb is None)
+            for pa, pb in zip(la or [], lb or []):
+                assert pa.keys() == pb.keys()
+                assert all(abs(pa[t].logprob - pb[t].logprob) < 1e-4 and pa[t].rank == pb[t].rank for t in pa)
+
+    ids = llm.generate([PROMPTS[0]], GREEDY)[0].prompt_token_ids
+    alone = llm.score(ids)
+    pipelined = outputs(llm)
+    # a score among steps in flight: 16 requests generating, the score sent after them
+    refs = [llm.router.complete.remote(f"busy-{i}", GREEDY, prompt=p) for i, p in enumerate(PROMPTS)]
+    busy = llm.router.score.remote(ids)
+    ray.get(refs)
+    assert ray.get(busy).equal(alone)
+    waited = LLM(smollm2_path, device="cpu", kv_cache_memory_gb=0.25, cpu_threads_per_worker=2, gguf_dequantize=True,
+                 disable_overlap_schedule=True)
+    try:
+        same(outputs(waited), pipelined)
+    finally:
+        waited.shutdown()

@@ -492,7 +492,7 @@ def test_multi_prompt_completion_batches_its_prompts(http):
     r = http.post("/v1/completions", json=body)
     after = _metrics(http)
     steps = after["shardserve_steps"] - before["shardserve_steps"]
-    # the steps' time as the router waited for it, and rank 0's forward within it
+    # the steps' time as the workers delivered them, and rank 0's forward within it
     waited, forward = (after[k] - before[k] for k in ("shardserve_step_seconds", "shardserve_forward_seconds"))
     assert 0 < forward <= waited, (forward, waited)
     assert r.status_code == 200, r.text

@@ -7,7 +7,9 @@ import multiprocessing
 import os
 import pickle
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import AuthenticationError, Client
 
 import pytest
@@ -85,3 +87,19 @@ def test_a_worker_that_dies_mid_step_fails_the_call_at_once():
     finally:
         proc.kill()
         proc.join()
+
+
+def test_with_start_each_message_is_handled_on_the_thread_start_gave_the_loop():
+    """The worker hands its compute thread to the loop: a step runs where it arrived, with no handoff."""
+    compute = ThreadPoolExecutor(max_workers=1)
+    compute_thread = compute.submit(threading.get_ident).result()
+    server = StepServer("127.0.0.1", lambda message: (message, threading.get_ident()), start=compute.submit)
+    client = StepClient(server.address, server.key)
+
+    async def calls():
+        return [await client.call(pickle.dumps(i)) for i in range(3)]
+
+    assert asyncio.run(calls()) == [(i, compute_thread) for i in range(3)]
+    client.close()  # the loop ends with the connection, giving the thread back
+    assert compute.submit(threading.get_ident).result(timeout=10) == compute_thread
+    compute.shutdown()
