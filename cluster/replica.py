@@ -102,11 +102,9 @@ class Replica:
         """Every rank's answer; the first failure (a dead actor, a raised exception, or a rank silent past
         worker_timeout_s, e.g. blocked in a collective its dead peer never joins) raises WorkerDiedError."""
         try:
-            return await asyncio.wait_for(asyncio.gather(*refs), timeout=self.cfg.worker_timeout_s)
+            return await self.result(asyncio.gather(*refs), what)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             raise WorkerDiedError(f"replica {self.index}: {what} failed on a worker: {e}") from e
-        except asyncio.TimeoutError as e:
-            raise WorkerDiedError(f"replica {self.index}: {what} hung for {self.cfg.worker_timeout_s:.0f}s") from e
 
     def submit(self, message: StepPlan | ScoreCall, what: str = "step") -> asyncio.Future:
         """Send one step (or score) to every rank over the step channels (workers/channel.py), at once: the message

@@ -169,18 +169,12 @@ class EngineCore:
             r = by_id.get(seq.seq_id)
             if sampled and (r is None or r.token_id is None):
                 raise RuntimeError(f"step result without the token sampled for sequence {seq.seq_id}")
+            if epoch == seq.epoch:  # else preempted since: its KV is gone, its sampled token stays (the output's)
+                self.blocks.commit(seq.blocks, seq.tokens, computed)  # every token up to `computed` is known by now
+                if r is not None and r.prompt_logprobs is not None:
+                    self._add_prompt_logprobs(seq, r, computed)
             if sampled:
                 seq.num_pending -= 1
-            if epoch != seq.epoch:  # preempted since: its KV is gone, its sampled token stays (it is the output's)
-                if sampled:
-                    deltas.append(self._append_token(seq, r))
-                continue
-            self.blocks.commit(seq.blocks, seq.tokens, computed)  # every token up to `computed` is known by now
-            if r is None:
-                continue
-            if r.prompt_logprobs is not None:
-                self._add_prompt_logprobs(seq, r, computed)
-            if sampled:
                 deltas.append(self._append_token(seq, r))
         return deltas
 
