@@ -6,10 +6,11 @@ import functools
 import glob
 import os
 import re
+import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
 
 from shardserve.workers.loader.source import CheckpointError, CheckpointSource
@@ -300,6 +301,40 @@ class _CheckedReader(GGUFReader):
         count = int(count)
         arr = plain[offset : offset + dtype.itemsize * count].view(dtype)[:count]
         return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list[int], list[GGUFValueType]]:
+        """gguf-py's, but an array is read whole rather than element by element (two numpy views and a recursion
+        per element: ~1 s of every open of a 49k-token vocabulary's tokens, merges, types and scores, on the
+        worker's way to ready). A scalar array is one part, a view of all its values; a string array is one
+        memoryview part per string (what `ReaderField.contents()` decodes), without the length parts. Whole-array
+        `contents()` reads as gguf-py's; the element index of a scalar array does not (no caller here uses it)."""
+        if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        if len(raw_itype) < 1 or len(alen) < 1:
+            raise ValueError(f"array header at byte {orig_offs} runs past the end of the file")
+        itype, count, offs = GGUFValueType(int(raw_itype[0])), int(alen[0]), orig_offs + 12
+        nptype = self.gguf_scalar_to_np.get(itype)
+        if nptype is not None:
+            values = self._get(offs, nptype, count)
+            if len(values) != count:
+                raise ValueError(f"array of {count} {itype.name} at byte {offs} runs past the end of the file")
+            return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, itype]
+        if itype != GGUFValueType.STRING:  # arrays of arrays: gguf-py's walk
+            return super()._get_field_parts(orig_offs, raw_type)
+        buf = memoryview(self._plain)  # set by _get, which read the magic before any field
+        order = sys.byteorder if self.byte_order == "I" else ("big" if sys.byteorder == "little" else "little")
+        size, strings = len(buf), []
+        for _ in range(count):
+            if offs + 8 > size:
+                raise ValueError(f"string array at byte {orig_offs} runs past the end of the file")
+            n = int.from_bytes(buf[offs : offs + 8], order)
+            if offs + 8 + n > size:
+                raise ValueError(f"string of {n} bytes at byte {offs} runs past the end of the file")
+            strings.append(buf[offs + 8 : offs + 8 + n])
+            offs += 8 + n
+        return offs - orig_offs, [raw_itype, alen, *strings], list(range(2, 2 + count)), [GGUFValueType.ARRAY, itype]
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         path, size = str(self.data.filename), len(self.data)
