@@ -6,11 +6,10 @@ import functools
 import glob
 import os
 import re
-import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
 
 from shardserve.workers.loader.source import CheckpointError, CheckpointSource
@@ -324,7 +323,7 @@ class _CheckedReader(GGUFReader):
         if itype != GGUFValueType.STRING:  # arrays of arrays: gguf-py's walk
             return super()._get_field_parts(orig_offs, raw_type)
         buf = memoryview(self._plain)  # set by _get, which read the magic before any field
-        order = sys.byteorder if self.byte_order == "I" else ("big" if sys.byteorder == "little" else "little")
+        order = "little" if self.endianess == GGUFEndian.LITTLE else "big"  # the file's, as __init__ read it
         size, strings = len(buf), []
         for _ in range(count):
             if offs + 8 > size:
