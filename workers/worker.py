@@ -154,10 +154,8 @@ class Worker:
     @_on_compute
     def init_cache(self, num_blocks: int, block_size: int) -> int:
         shape = (num_blocks, block_size, self.model.kv_heads_local(), self.cfg.head_dim)
-        caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(self.cfg.num_layers)
-        ]
+        zeros = functools.partial(self.backend.zeros, shape, self.dtype, self.device)
+        caches = [(zeros(), zeros()) for _ in range(self.cfg.num_layers)]
         self.runner = ModelRunner(self.model, caches, block_size, self.device)
         return num_blocks
 
