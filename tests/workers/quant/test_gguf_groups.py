@@ -92,11 +92,14 @@ def test_float_and_grid_types_are_not_decoded(qtype):
     assert not decodable(qtype)
 
 
-def test_a_nan_scale_is_refused_naming_the_type():
-    blocks = random_blocks(T.Q4_K, 4, 256)
-    blocks[1, 0:2] = np.array([np.nan], np.float16).view(np.uint8)
-    with pytest.raises(ValueError, match="Q4_K: block"):
-        decode(T.Q4_K, blocks)
+# Q4_K's d and Q4_1's m (integers read from their fields), Q5_K's d (integers recovered from gguf-py's values)
+@pytest.mark.parametrize("qtype, offset", [(T.Q4_K, 0), (T.Q4_1, 2), (T.Q5_K, 0)], ids=["Q4_K-d", "Q4_1-m", "Q5_K-d"])
+def test_a_nan_scale_is_refused_naming_the_type_and_block(qtype, offset):
+    blocks = random_blocks(qtype, 4, 256)
+    per_row = blocks.shape[1] // GGML_QUANT_SIZES[qtype][1]
+    blocks.reshape(4 * per_row, -1)[per_row + 1, offset : offset + 2] = np.array([np.nan], np.float16).view(np.uint8)
+    with pytest.raises(ValueError, match=f"{qtype.name}: block {per_row + 1} "):
+        decode(qtype, blocks)
 
 
 # ---- op table layouts ----------------------------------------------------------------------------------
