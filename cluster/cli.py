@@ -10,9 +10,8 @@ import signal
 import sys
 import threading
 
-from shardserve.cluster.config import EngineConfig
+from shardserve.cluster.config import MAX_BODY_BYTES, EngineConfig, HttpOptions
 from shardserve.cluster.serve_config import print_serve_config
-from shardserve.cluster.server import MAX_BODY_BYTES
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +74,6 @@ def serve(args: argparse.Namespace) -> None:
     import ray
 
     from shardserve.cluster.launch import start_router
-    from shardserve.cluster.server import HttpOptions
 
     cfg = _config(args)
     if args.ray_serve:

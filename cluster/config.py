@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MAX_BODY_BYTES = 8 * 2**20  # the default request-body limit: far above any prompt that fits a context
 
 
 def default_model_path() -> str:
@@ -73,3 +74,18 @@ class EngineConfig:
         if self.cpu_threads_per_worker:
             return self.cpu_threads_per_worker
         return max(1, (os.cpu_count() or 1) // (self.tp_size * self.dp_size))
+
+
+@dataclass
+class HttpOptions:
+    """How `shardserve serve` serves: the address, and create_app's and uvicorn's settings. Here, not in
+    server.py: the driver of `shardserve serve` builds it without importing the HTTP stack (fastapi, pydantic's
+    models: 0.35 s of its start, before Ray's), which runs in the router actor."""
+
+    host: str
+    port: int
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    metrics_auth: bool = False
+    shutdown_grace_s: float | None = None

@@ -5,7 +5,6 @@ cluster/serve_app.py."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import json
 import logging
@@ -30,13 +29,13 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shardserve.cluster.config import MAX_BODY_BYTES, HttpOptions
 from shardserve.cluster.protocol import ChatCompletionRequest, CompletionRequest
 from shardserve.router.outputs import Delta
 from shardserve.router.sampling_params import RequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 8 * 2**20  # the default request-body limit: far above any prompt that fits a context
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client still waits
 
 
@@ -593,19 +592,6 @@ class _LocalStream:
 
     async def __anext__(self) -> _Ready:
         return _Ready(await self.gen.__anext__())
-
-
-@dataclasses.dataclass
-class HttpOptions:
-    """How `shardserve serve` serves: the address, and create_app's and uvicorn's settings."""
-
-    host: str
-    port: int
-    model_name: str
-    api_key: str | None = None
-    max_body_bytes: int = MAX_BODY_BYTES
-    metrics_auth: bool = False
-    shutdown_grace_s: float | None = None
 
 
 class InProcessServer:
